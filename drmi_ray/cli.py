@@ -1,0 +1,127 @@
+"""The ``drmi`` command: ``drmi run`` (the experiment) and ``drmi reduce`` (pool URL -> selection)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 50,100,200, got {text!r}") from None
+
+
+def str_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def run_parser(sub) -> None:
+    p = sub.add_parser("run", help="the DRMI experiment: select, query, fit substitutes, attack, report")
+    p.add_argument("--out", help="run folder (path or fsspec URL); default: a new folder under runs/")
+    p.add_argument("--quick", action="store_true", help="small version: 600-image pool, budgets 50,200 (a few minutes)")
+    p.add_argument("--config", help="repeat a run from its config.json (flags given here override it)")
+    p.add_argument("--pool", dest="source", help="pool source: bundled-mnist (default), mnist:ROOT, cifar10:ROOT, or a URL")
+    p.add_argument("--download", action="store_true", help="let torchvision download MNIST / CIFAR-10 into ROOT")
+    p.add_argument("--methods", type=str_list, help="comma-separated: drmi,random (default both)")
+    p.add_argument("--budgets", type=int_list, help="comma-separated query budgets (default 50,100,200,400,600)")
+    p.add_argument("--seeds", type=int, help="seeds per (method, budget) cell (default 1)")
+    p.add_argument("--target", dest="checkpoint", help="a trained target checkpoint to attack instead of training one")
+    p.add_argument("--substitute", dest="substitute_model", help="substitute architecture: lenet5, c3f2 (default), dnn5")
+    p.add_argument("--bins", type=int, help="MI grey levels (default 256)")
+    p.add_argument("--color", choices=("flatten", "luminance"), help="MI colour mode (default flatten)")
+    p.add_argument("--rate-limit", type=float, help="target's answer rate in images/s (default unlimited)")
+    p.add_argument("--address", help="Ray cluster address (default: the cluster of `ray job submit`, else a local one)")
+
+
+def build_config(args):
+    from drmi_ray.config import ExperimentConfig, quick
+
+    config = ExperimentConfig.load(args.config) if args.config else ExperimentConfig()
+    if args.quick:
+        config = quick(config)
+    r = dataclasses.replace
+    pool = {k: v for k, v in (("source", args.source), ("download", args.download or None)) if v is not None}
+    sel = {k: v for k, v in (("methods", args.methods), ("budgets", args.budgets), ("seeds", args.seeds)) if v is not None}
+    mi = {k: v for k, v in (("bins", args.bins), ("color", args.color)) if v is not None}
+    target = {k: v for k, v in (("checkpoint", args.checkpoint), ("rate_limit", args.rate_limit)) if v is not None}
+    config = r(config, pool=r(config.pool, **pool), selection=r(config.selection, **sel), mi=r(config.mi, **mi),
+               target=r(config.target, **target))
+    if args.substitute_model:
+        config.substitute = r(config.substitute, model=args.substitute_model)
+    return config
+
+
+def reduce_parser(sub) -> None:
+    p = sub.add_parser("reduce", help="pool URL -> the K least redundant images (selection.json)")
+    p.add_argument("pool", help="bundled-mnist, mnist:ROOT, cifar10:ROOT, an ImageFolder tree or Parquet shards URL")
+    p.add_argument("--budget", "-k", type=int, required=True, help="how many images to select (K)")
+    p.add_argument("--out", help="output folder (path or fsspec URL); default: a new folder under runs/")
+    p.add_argument("--size", type=int, help="resize image files to SIZE x SIZE before MI")
+    p.add_argument("--rgb", action="store_true", help="decode image files as RGB (default: greyscale)")
+    p.add_argument("--bins", type=int, default=256)
+    p.add_argument("--color", choices=("flatten", "luminance"), default="flatten")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (listed in selection.json)")
+    p.add_argument("--address", help="Ray cluster address")
+
+
+def reduce(args) -> str:
+    import ray
+
+    from drmi_ray import report
+    from drmi_ray.data import load_pool
+    from drmi_ray.matrix import compute_mi_matrix
+    from drmi_ray.optimize import select
+
+    out = (args.out or report.new_run_folder("reduce")).rstrip("/")
+    pool = load_pool(args.pool, size=args.size, mode="RGB" if args.rgb else "L",
+                     on_error="skip" if args.skip_bad else "raise")
+    if args.budget > len(pool):
+        raise SystemExit(f"drmi reduce: budget {args.budget} is larger than the pool ({len(pool)} images); lower --budget")
+    ray.init(address=args.address) if args.address else (ray.is_initialized() or ray.init())
+    store = compute_mi_matrix(pool.images, f"{out}/mi", bins=args.bins, color=args.color)
+    selection = select(store.to_dense(), args.budget, seed=args.seed)
+    result = {
+        "pool": args.pool, "budget": args.budget, "objective": selection.objective,
+        "indices": selection.indices.tolist(),
+        "selected": [pool.paths[i] for i in selection.indices] if pool.paths else [],
+        "skipped": pool.skipped,
+    }
+    report.write_text(f"{out}/selection.json", json.dumps(result, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="drmi", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser(sub)
+    reduce_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            import ray
+
+            from drmi_ray import report
+            from drmi_ray.experiment import run_experiment
+
+            config = build_config(args)
+            out = (args.out or report.new_run_folder("mnist")).rstrip("/")
+            if args.address:
+                ray.init(address=args.address)
+            run_experiment(config, out)
+            print(f"[drmi] wrote {out}/report.md (results.json, results.csv, results.png)")
+        else:
+            out = reduce(args)
+            print(f"[drmi] wrote {out}/selection.json")
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"drmi {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

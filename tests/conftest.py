@@ -1,0 +1,35 @@
+import os
+
+# Ray Train V2 polls worker health every second by default; tests wait on it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def ray_local():
+    """A local Ray instance shared by the whole session (started on first use).
+
+    Tests that need their own cluster (ray.cluster_utils.Cluster) shut it down first;
+    the next test that asks for this fixture starts it again.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The bundled real MNIST digits: (5000, 28, 28) uint8 images and int64 labels."""
+    from drmi_ray.data import bundled_mnist
+
+    return bundled_mnist()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
