@@ -24,9 +24,14 @@ def run_parser(sub) -> None:
     p.add_argument("--out", help="run folder (path or fsspec URL); default: a new folder under runs/")
     p.add_argument("--quick", action="store_true", help="small version: 600-image pool, budgets 50,200 (a few minutes)")
     p.add_argument("--config", help="repeat a run from its config.json (flags given here override it)")
+    p.add_argument("--protocol", choices=("bundled-mnist", "paper-mnist", "paper-cifar10"),
+                   help="the paper's settings (default bundled-mnist); paper-* read torchvision data under --data-root")
+    p.add_argument("--data-root", default="data", help="folder of torchvision MNIST / CIFAR-10 (default ./data)")
     p.add_argument("--pool", dest="source", help="pool source: bundled-mnist (default), mnist:ROOT, cifar10:ROOT, or a URL")
     p.add_argument("--download", action="store_true", help="let torchvision download MNIST / CIFAR-10 into ROOT")
-    p.add_argument("--methods", type=str_list, help="comma-separated: drmi,random (default both)")
+    p.add_argument("--methods", type=str_list,
+                   help="comma-separated methods, or 'all': drmi, random, cmal, cpb, trace, kcenter, jbda, "
+                        "drmi-sqrt, drmi-joint, drmi-balanced (default drmi,random)")
     p.add_argument("--budgets", type=int_list, help="comma-separated query budgets (default 50,100,200,400,600)")
     p.add_argument("--seeds", type=int, help="seeds per (method, budget) cell (default 1)")
     p.add_argument("--target", dest="checkpoint", help="a trained target checkpoint to attack instead of training one")
@@ -34,24 +39,39 @@ def run_parser(sub) -> None:
     p.add_argument("--bins", type=int, help="MI grey levels (default 256)")
     p.add_argument("--color", choices=("flatten", "luminance"), help="MI colour mode (default flatten)")
     p.add_argument("--rate-limit", type=float, help="target's answer rate in images/s (default unlimited)")
+    p.add_argument("--output", choices=("label", "probs", "top1", "rounded"), help="what the target answers (default label)")
+    p.add_argument("--no-prada", action="store_true", help="switch the target's PRADA detector off")
+    p.add_argument("--substitute-workers", type=int, help="Ray Train workers per substitute fit (default 1; 0 = local mode)")
     p.add_argument("--address", help="Ray cluster address (default: the cluster of `ray job submit`, else a local one)")
 
 
 def build_config(args):
     from drmi_ray.config import ExperimentConfig, quick
 
+    from drmi_ray.baselines import METHODS
+    from drmi_ray.config import apply_protocol
+
     config = ExperimentConfig.load(args.config) if args.config else ExperimentConfig()
+    if args.protocol:
+        config = apply_protocol(config, args.protocol, args.data_root)
+    if args.methods == ("all",):
+        args.methods = METHODS
     if args.quick:
         config = quick(config)
     r = dataclasses.replace
     pool = {k: v for k, v in (("source", args.source), ("download", args.download or None)) if v is not None}
     sel = {k: v for k, v in (("methods", args.methods), ("budgets", args.budgets), ("seeds", args.seeds)) if v is not None}
     mi = {k: v for k, v in (("bins", args.bins), ("color", args.color)) if v is not None}
-    target = {k: v for k, v in (("checkpoint", args.checkpoint), ("rate_limit", args.rate_limit)) if v is not None}
+    target = {k: v for k, v in (("checkpoint", args.checkpoint), ("rate_limit", args.rate_limit),
+                                ("output", args.output)) if v is not None}
+    if args.no_prada:
+        target["prada_delta"] = None
     config = r(config, pool=r(config.pool, **pool), selection=r(config.selection, **sel), mi=r(config.mi, **mi),
                target=r(config.target, **target))
     if args.substitute_model:
         config.substitute = r(config.substitute, model=args.substitute_model)
+    if args.substitute_workers is not None:
+        config.substitute_workers = args.substitute_workers
     return config
 
 

@@ -14,8 +14,12 @@ from drmi_ray.attack import AttackConfig
 from drmi_ray.models import TrainConfig
 
 
+PROTOCOLS = ("bundled-mnist", "paper-mnist", "paper-cifar10")
+
+
 @dataclass
 class PoolConfig:
+    protocol: str = "bundled-mnist"  # see drmi_ray.experiment.load_protocol
     source: str = "bundled-mnist"  # see drmi_ray.data.load_pool
     target_train: int = 2000  # images the target is trained on (the attacker never sees them)
     pool: int = 2000  # the attacker's unlabeled pool
@@ -43,7 +47,9 @@ class TargetConfig:
     checkpoint: str | None = None  # use this trained target instead of training one
     train: TrainConfig = field(default_factory=lambda: TrainConfig(model="c3f2", epochs=12))
     rate_limit: float | None = None  # images/s the target answers; None = unlimited
-    output: str = "label"  # what a query returns: "label" or "probs"
+    output: str = "label"  # what a query returns: "label", "probs", "top1" or "rounded"
+    decimals: int = 2  # output="rounded": decimals kept
+    prada_delta: float | None = 0.95  # PRADA detector's Shapiro-Wilk threshold; None = off
 
 
 @dataclass
@@ -54,6 +60,8 @@ class ExperimentConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
     substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="c3f2"))
     attack: AttackConfig = field(default_factory=AttackConfig)
+    substitute_workers: int = 1  # Ray Train workers per substitute fit; 0 = Train's local mode
+    substitute_gpu: bool = False  # fit substitutes on GPUs (each worker takes one)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,6 +93,30 @@ class ExperimentConfig:
 
         with fsspec.open(path, "r") as f:
             return cls.from_dict(json.load(f))
+
+
+def apply_protocol(config: ExperimentConfig, protocol: str, root: str = "data") -> ExperimentConfig:
+    """Settings of the paper's experiments.
+
+    ``bundled-mnist``: the 5,000 bundled digits, split 2,000 / 2,000 / 1,000 (target / pool / test).
+    ``paper-mnist``: torchvision MNIST under ``root``; the target trains on the 60k training set,
+    the attacker's pool and the test split are disjoint halves of the 10k test set.
+    ``paper-cifar10``: the same with CIFAR-10 (50k training set; 5k pool, 5k test) and ResNet18 as
+    target and substitute; PGD with eps 8/255, step 2/255, 10 steps.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    r = dataclasses.replace
+    if protocol == "bundled-mnist":
+        return r(config, pool=r(config.pool, protocol=protocol, source="bundled-mnist"))
+    name = "mnist" if protocol == "paper-mnist" else "cifar10"
+    config = r(config, pool=r(config.pool, protocol=protocol, source=f"{name}:{root}",
+                              target_train=60000 if name == "mnist" else 50000, pool=5000, test=5000))
+    if name == "cifar10":
+        config.target = r(config.target, train=r(config.target.train, model="resnet18", epochs=30))
+        config.substitute = r(config.substitute, model="resnet18")
+        config.attack = r(config.attack, eps=8 / 255, step_size=2 / 255, steps=10)
+    return config
 
 
 def quick(config: ExperimentConfig) -> ExperimentConfig:

@@ -1,11 +1,13 @@
-"""The experiment: every stage of DESIGN.md's pipeline, once, for methods x budgets x seeds.
+"""The experiment: every stage of DESIGN.md's pipeline for methods x budgets x seeds.
 
-pool -> target (trained or loaded) -> MI matrix -> selections -> queries through the target actor
--> substitutes (Ray Train, concurrently) -> evaluation and PGD transfer (Ray tasks) -> run folder.
+pool -> target (trained or loaded) -> MI matrix -> acquisition through the target actor (one
+Ray task per cell) -> substitutes (Ray Train, concurrently) -> evaluation and PGD transfer (Ray
+tasks) -> run folder.
 
 The attacker's side (selection, querying, substitute training) sees the target only through the
-BlackBoxTarget actor. The referee's side (ground-truth accuracy, fidelity, transfer rate) loads
-the target checkpoint itself: those predictions are measurements, not the attacker's queries.
+BlackBoxTarget actor, one per cell with that cell's budget. The referee's side (ground-truth
+accuracy, fidelity, transfer rate) loads the target checkpoint itself: those predictions are
+measurements, not the attacker's queries.
 """
 
 from __future__ import annotations
@@ -17,29 +19,48 @@ import time
 from contextlib import contextmanager
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import ray
+from fsspec.implementations.local import LocalFileSystem
 
 from drmi_ray import report
 from drmi_ray.attack import transfer_rate
+from drmi_ray.baselines import METHODS, MI_METHODS, acquire
 from drmi_ray.config import ExperimentConfig
 from drmi_ray.data import load_pool, split_indices
 from drmi_ray.matrix import compute_mi_matrix
-from drmi_ray.optimize import select
+from drmi_ray.models import predict
 from drmi_ray.substitute import evaluate, fit_substitutes
-from drmi_ray.target import BlackBoxTarget, load_classifier, predict, train_target
-
-METHODS = ("drmi", "random")
+from drmi_ray.target import BlackBoxTarget, load_classifier, train_target
 
 
-def choose(method: str, mi: np.ndarray, budget: int, seed: int) -> np.ndarray:
-    """The pool indices a method spends its budget on (sorted)."""
-    if method == "drmi":
-        return select(mi, budget, seed=seed).indices
-    if method == "random":
-        return np.sort(np.random.default_rng(seed).choice(len(mi), size=budget, replace=False))
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+@dataclasses.dataclass
+class Data:
+    target_images: np.ndarray  # the target's training set (never the attacker's)
+    target_labels: np.ndarray
+    pool: np.ndarray  # the attacker's unlabeled pool
+    test_images: np.ndarray  # the referee's held-out truth
+    test_labels: np.ndarray
+
+
+def load_data(config: ExperimentConfig) -> Data:
+    """The protocol's three disjoint parts (see ``config.apply_protocol``)."""
+    pc = config.pool
+    if pc.protocol == "bundled-mnist" or not pc.protocol.startswith("paper-"):
+        pool = load_pool(pc.source, size=pc.size, download=pc.download)
+        s = split_indices(len(pool), target_train=pc.target_train, pool=pc.pool, test=pc.test, seed=pc.split_seed)
+        return Data(pool.images[s.target_train], pool.labels[s.target_train], pool.images[s.pool],
+                    pool.images[s.test], pool.labels[s.test])
+    train = load_pool(pc.source, download=pc.download)
+    name, _, root = pc.source.partition(":")
+    held_out = load_pool(f"{name}-test:{root}", download=pc.download)
+    t = split_indices(len(train), target_train=min(pc.target_train, len(train)), pool=1, test=1, seed=pc.split_seed) \
+        if pc.target_train < len(train) else None
+    target_idx = t.target_train if t is not None else np.arange(len(train))
+    s = split_indices(len(held_out), target_train=1, pool=pc.pool, test=pc.test - 1, seed=pc.split_seed)
+    test_idx = np.sort(np.concatenate([s.target_train, s.test]))  # the 1-image "target" part joins the test split
+    return Data(train.images[target_idx], train.labels[target_idx], held_out.images[s.pool],
+                held_out.images[test_idx], held_out.labels[test_idx])
 
 
 def check_config(config: ExperimentConfig) -> None:
@@ -47,7 +68,7 @@ def check_config(config: ExperimentConfig) -> None:
     sel = config.selection
     unknown = [m for m in sel.methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)} (or 'all')")
     if not sel.budgets or min(sel.budgets) < 2:
         raise ValueError(f"budgets must each be at least 2 queries, got {list(sel.budgets)}")
     if max(sel.budgets) > config.pool.pool:
@@ -69,16 +90,63 @@ class Timings(dict):
         print(f"[drmi] {name} done in {self[name]:.1f} s", flush=True)
 
 
-@ray.remote
-def evaluate_cell(checkpoint, substitute, test_images, test_labels, target_labels, attack_config):
-    """Referee: the substitute's accuracy and fidelity, and the transfer rate of its PGD examples."""
+def _torch_threads():
     import torch
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    target_model = load_classifier(checkpoint)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
+@ray.remote(num_cpus=1)
+def acquire_cell(method, budget, seed, pool_images, mi, target, substitute_config):
+    """The attacker for one cell: spend ``budget`` queries with ``method`` through the target actor."""
+    _torch_threads()
+    client = f"{method}-{budget}-{seed}"
+    got = acquire(method, pool_images, budget, lambda x: np.asarray(ray.get(target.query.remote(x, client=client))),
+                  seed=seed, mi=mi, substitute_config=substitute_config)
+    return got.images, got.labels
+
+
+@ray.remote(num_cpus=1)
+def evaluate_cell(checkpoint, substitute, test_images, test_labels, target_labels, attack_config):
+    """Referee: the substitute's accuracy and fidelity, and the transfer rate of its PGD examples."""
+    _torch_threads()
     scores = evaluate(substitute, test_images, test_labels, target_labels)
-    scores["transfer_rate"] = transfer_rate(substitute, target_model, test_images, test_labels, attack_config)
+    scores["transfer_rate"] = transfer_rate(substitute, load_classifier(checkpoint), test_images, test_labels,
+                                            attack_config)
     return scores
+
+
+def acquire_all(cells, config, checkpoint, pool_ref, mi_ref, audit_dir):
+    """Run every cell's acquisition, a bounded window of target actors at a time.
+
+    Returns {cell: (images, labels, queries counted by the target, PRADA state of its client)}.
+    """
+    window = max(1, int(ray.available_resources().get("CPU", 1)))
+    results, running = {}, {}
+    pending = list(cells)
+
+    def launch(cell):
+        method, budget, seed = cell
+        target = BlackBoxTarget.remote(
+            checkpoint, budget=budget, rate_limit=config.target.rate_limit, output=config.target.output,
+            decimals=config.target.decimals, prada_delta=config.target.prada_delta,
+            audit_path=os.path.join(audit_dir, f"{method}-{budget}-{seed}.jsonl"))
+        ref = acquire_cell.remote(method, budget, seed, pool_ref, mi_ref if method in MI_METHODS else None, target,
+                                  dataclasses.replace(config.substitute, seed=seed))
+        running[ref] = (cell, target)
+
+    while pending or running:
+        while pending and len(running) < window:
+            launch(pending.pop(0))
+        done, _ = ray.wait(list(running), num_returns=1)
+        cell, target = running.pop(done[0])
+        images, labels = ray.get(done[0])
+        queries, prada = ray.get([target.queries_used.remote(), target.prada_state.remote()])
+        client = prada.get(f"{cell[0]}-{cell[1]}-{cell[2]}", {})
+        results[cell] = (images, labels, queries, client.get("flagged_at"))
+        ray.kill(target)
+        print(f"[drmi]   acquired {len(results)}/{len(cells)}: {cell[0]} budget {cell[1]} seed {cell[2]}", flush=True)
+    return results
 
 
 def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
@@ -89,70 +157,57 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
     fs, out_path = fsspec.core.url_to_fs(out)
     local = isinstance(fs, LocalFileSystem)
     work = out_path if local else tempfile.mkdtemp(prefix="drmi-run-")
-    os.makedirs(work, exist_ok=True)
+    os.makedirs(os.path.join(work, "audit"), exist_ok=True)
     timings = Timings()
 
     with timings.stage("pool"):
-        pool = load_pool(config.pool.source, size=config.pool.size, download=config.pool.download)
-        pc = config.pool
-        splits = split_indices(len(pool), target_train=pc.target_train, pool=pc.pool, test=pc.test, seed=pc.split_seed)
-        attacker_images = pool.images[splits.pool]  # the attacker never reads pool.labels[splits.pool]
-        test_images, test_labels = pool.images[splits.test], pool.labels[splits.test]
+        data = load_data(config)
 
     checkpoint = config.target.checkpoint
     if checkpoint is None:
         with timings.stage("target training"):
             checkpoint = os.path.join(work, "target.pt")
-            train_target(pool.images[splits.target_train], pool.labels[splits.target_train], checkpoint,
-                         config=config.target.train)
-    target_model = load_classifier(checkpoint)
-    target_labels = predict(target_model, test_images)
-    target_accuracy = float((target_labels == test_labels).mean())
+            train_target(data.target_images, data.target_labels, checkpoint, config=config.target.train)
+    target_labels = predict(load_classifier(checkpoint), data.test_images)
+    target_accuracy = float((target_labels == data.test_labels).mean())
     print(f"[drmi] target accuracy on the test split: {100 * target_accuracy:.1f}%", flush=True)
 
-    with timings.stage("MI matrix"):
-        store = compute_mi_matrix(attacker_images, f"{out.rstrip('/')}/mi", bins=config.mi.bins, color=config.mi.color)
-        mi = store.to_dense()
+    sel = config.selection
+    mi = None
+    if any(m in MI_METHODS for m in sel.methods):
+        with timings.stage("MI matrix"):
+            store = compute_mi_matrix(data.pool, f"{out.rstrip('/')}/mi", bins=config.mi.bins, color=config.mi.color)
+            mi = store.to_dense()
 
-    cells = [(method, budget, seed) for budget in config.selection.budgets
-             for seed in range(config.selection.seeds) for method in config.selection.methods]
-    with timings.stage("selection"):
-        chosen = {cell: choose(cell[0], mi, cell[1], cell[2]) for cell in cells}
-
-    with timings.stage("queries"):
-        os.makedirs(os.path.join(work, "audit"), exist_ok=True)
-        answers, queries = {}, {}
-        for cell in cells:
-            method, budget, seed = cell
-            target = BlackBoxTarget.remote(
-                checkpoint, budget=budget, rate_limit=config.target.rate_limit, output=config.target.output,
-                audit_path=os.path.join(work, "audit", f"{method}-{budget}-{seed}.jsonl"),
-            )
-            answer = np.asarray(ray.get(target.query.remote(attacker_images[chosen[cell]])))
-            answers[cell] = answer if answer.ndim == 1 else answer.argmax(axis=1)
-            queries[cell] = ray.get(target.queries_used.remote())
-            ray.kill(target)
+    cells = [(method, budget, seed) for budget in sel.budgets for seed in range(sel.seeds) for method in sel.methods]
+    with timings.stage("selection and queries"):
+        acquired = acquire_all(cells, config, checkpoint, ray.put(data.pool), ray.put(mi), os.path.join(work, "audit"))
 
     with timings.stage("substitute training"):
-        jobs = [(attacker_images[chosen[c]], answers[c], dataclasses.replace(config.substitute, seed=c[2])) for c in cells]
-        substitutes = fit_substitutes(jobs)
+        jobs = [(acquired[c][0], acquired[c][1], dataclasses.replace(config.substitute, seed=c[2])) for c in cells]
+        substitutes = fit_substitutes(jobs, num_workers=config.substitute_workers, use_gpu=config.substitute_gpu)
 
     with timings.stage("evaluation and PGD transfer"):
-        refs = [ray.put(x) for x in (test_images, test_labels, target_labels)]
+        refs = [ray.put(x) for x in (data.test_images, data.test_labels, target_labels)]
         scores = ray.get([evaluate_cell.remote(checkpoint, s, *refs, config.attack) for s in substitutes])
 
-    rows = [
-        {"method": m, "budget": b, "seed": s, "queries": queries[(m, b, s)],
-         "accuracy": sc["accuracy"], "fidelity": sc["fidelity"], "transfer_rate": sc["transfer_rate"]}
-        for (m, b, s), sc in zip(cells, scores)
-    ]
+    rows = []
+    for cell, sc in zip(cells, scores):
+        _, _, queries, flagged_at = acquired[cell]
+        rows.append({"method": cell[0], "budget": cell[1], "seed": cell[2], "queries": queries,
+                     "accuracy": sc["accuracy"], "fidelity": sc["fidelity"], "transfer_rate": sc["transfer_rate"],
+                     "prada_flagged_at": flagged_at})
+    pc = config.pool
     notes = [
-        f"pool: {config.pool.source}; target trained on {pc.target_train}, attacker pool {pc.pool}, test {pc.test} images",
-        f"target: {config.target.train.model}, accuracy {100 * target_accuracy:.1f}% on the test split",
-        f"substitute: {config.substitute.model}; MI: bins={config.mi.bins}, color={config.mi.color}",
+        f"protocol: {pc.protocol} ({pc.source}); target trained on {len(data.target_images)}, "
+        f"attacker pool {len(data.pool)}, test {len(data.test_images)} images",
+        f"target: {config.target.train.model}, accuracy {100 * target_accuracy:.1f}% on the test split; "
+        f"answers: {config.target.output}",
+        f"substitute: {config.substitute.model}; MI: bins={config.mi.bins}, color={config.mi.color}; "
+        f"PGD: eps={config.attack.eps:.3g}, step={config.attack.step_size:.3g}, steps={config.attack.steps}",
     ]
-    report.write_run(work if local else out, rows, config=config.to_dict(),
-                     timings=dict(timings), notes=notes)
-    if not local:
-        fs.put(work, out_path, recursive=True)
+    report.write_run(work if local else out, rows, config=config.to_dict(), timings=dict(timings), notes=notes,
+                     prada_delta=config.target.prada_delta)
+    if not local:  # the target checkpoint and the audit log
+        fs.put(work.rstrip("/") + "/", out_path, recursive=True)
     return rows

@@ -71,6 +71,19 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def prada_table(rows: list[dict], delta: float) -> str:
+    """Per method and budget: how many seeds' query streams PRADA flagged, and when."""
+    cells = defaultdict(list)
+    for row in rows:
+        cells[(row["method"], row["budget"])].append(row.get("prada_flagged_at"))
+    lines = [f"\n### PRADA detector (delta = {delta}): streams flagged / seeds, and at which query\n",
+             "| method | budget | flagged | flagged at |", "|---|---:|---:|---|"]
+    for (method, budget), flags in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        at = sorted(f for f in flags if f is not None)
+        lines.append(f"| {method} | {budget} | {len(at)}/{len(flags)} | {', '.join(map(str, at)) or '—'} |")
+    return "\n".join(lines)
+
+
 def plot(summary: list[dict]) -> bytes:
     """PNG: accuracy, fidelity and transfer rate against queries, one line per method, CI bars."""
     import matplotlib
@@ -101,7 +114,8 @@ def write_text(url: str, text: str | bytes) -> None:
         f.write(text)
 
 
-def write_run(out: str, rows: list[dict], *, config: dict, timings: dict, notes: list[str] = ()) -> None:
+def write_run(out: str, rows: list[dict], *, config: dict, timings: dict, notes: list[str] = (),
+              prada_delta: float | None = None) -> None:
     """Write results.json, results.csv, report.md, results.png and config.json under ``out``."""
     fs, path = fsspec.core.url_to_fs(out)
     fs.makedirs(path, exist_ok=True)
@@ -122,6 +136,7 @@ def write_run(out: str, rows: list[dict], *, config: dict, timings: dict, notes:
         + "\nQueries per cell as counted by the target: "
         + ", ".join(f"{s['method']}@{s['budget']}={'/'.join(map(str, s['queries']))}" for s in summary)
         + "\n" + markdown_table(summary)
+        + ("\n" + prada_table(rows, prada_delta) if prada_delta is not None else "")
         + "\n\n![results](results.png)\n\n### wall time per stage\n\n| stage | seconds |\n|---|---:|\n"
         + timing_lines + "\n"
     )

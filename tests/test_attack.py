@@ -1,0 +1,93 @@
+"""PGD on a substitute and its transfer to a target, on real digits."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from drmi_ray.attack import AttackConfig, pgd, transfer, transfer_rate
+from drmi_ray.models import TrainConfig, predict, to_tensor, train_classifier
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """2 shared cores: one torch thread per process avoids OpenMP oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pair(digits):
+    images, labels = digits
+    perm = np.random.default_rng(0).permutation(len(images))
+    target = train_classifier(images[perm[:1000]], labels[perm[:1000]],
+                              TrainConfig(model="lenet5", lr=2e-3))
+    pool = images[perm[1000:1300]]
+    substitute = train_classifier(pool, predict(target, pool), TrainConfig(model="lenet5", seed=1))
+    test = perm[4500:4700]
+    return target, substitute, images[test], labels[test]
+
+
+def _loss(model, x, y):
+    with torch.no_grad():
+        return nn.functional.cross_entropy(model(x), torch.from_numpy(y)).item()
+
+
+def test_pgd_stays_in_the_ball_and_fools_the_substitute(pair):
+    _, substitute, images, labels = pair
+    x = to_tensor(images)
+    config = AttackConfig()  # eps 0.3, step 0.01, 40 steps, random start
+    adv = pgd(substitute, images, labels, config)
+    assert adv.shape == x.shape and adv.dtype == torch.float32
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert (adv - x).abs().max() <= config.eps + 1e-6
+    assert _loss(substitute, adv, labels) > _loss(substitute, x, labels) + 1
+    clean = predict(substitute, images) == labels
+    flipped = predict(substitute, adv) != labels
+    assert flipped[clean].mean() > 0.9
+
+
+def test_pgd_is_deterministic_and_accepts_floats(pair):
+    _, substitute, images, labels = pair
+    config = AttackConfig(steps=5)
+    a = pgd(substitute, images[:20], labels[:20], config)
+    b = pgd(substitute, to_tensor(images[:20]), labels[:20], config)
+    assert torch.equal(a, b)
+    c = pgd(substitute, images[:20], labels[:20], AttackConfig(steps=5, seed=1))
+    assert not torch.equal(a, c)
+    same = pgd(substitute, images[:20], labels[:20], AttackConfig(eps=0.0))
+    assert torch.equal(same, to_tensor(images[:20]))
+    small = pgd(substitute, images[:20], labels[:20], AttackConfig(eps=0.05, steps=10,
+                                                                   random_start=False))
+    assert (small - to_tensor(images[:20])).abs().max() <= 0.05 + 1e-6
+
+
+def test_attack_config_and_input_errors(pair):
+    with pytest.raises(ValueError, match="eps"):
+        AttackConfig(eps=2)
+    with pytest.raises(ValueError, match="labels"):
+        pgd(pair[1], pair[2][:3], pair[3][:2])
+    with pytest.raises(ValueError, match="within"):
+        pgd(pair[1], torch.full((1, 1, 28, 28), 2.0), [0])
+
+
+def test_transfer_rate_matches_a_direct_recomputation(pair):
+    target, substitute, images, labels = pair
+    config = AttackConfig(steps=20)
+    rate = transfer_rate(substitute, target, images, labels, config)
+    assert 0 < rate <= 1
+    details = transfer(substitute, target, images, labels, config)
+    assert details["transfer_rate"] == rate
+    # by hand: keep what the target gets right, attack those on the substitute, count flips
+    keep = predict(target, images) == labels
+    adv = pgd(substitute, images[keep], labels[keep], config)
+    direct = (predict(target, adv) != labels[keep]).mean()
+    assert rate == pytest.approx(direct)
+    assert details["n_target_correct"] == keep.sum()
+    assert details["n_transferred"] == round(direct * keep.sum())
+    assert details["substitute_success"] > 0.9
+    # a target that is wrong everywhere leaves nothing to transfer to
+    wrong = (predict(target, images[:5]) + 1) % 10
+    assert np.isnan(transfer_rate(substitute, target, images[:5], wrong, config))

@@ -1,0 +1,394 @@
+"""Cluster scale: cluster.yaml, and fault injection on a simulated multi-node Ray cluster.
+
+``ray.cluster_utils.Cluster`` starts a head and worker raylets on this machine (fake GPUs), so
+node loss (``remove_node``), worker crashes (SIGKILL of a task's process) and actor crashes can be
+tested without a real cluster. The head has no CPUs: every task and actor lands on a worker node.
+
+One cluster serves the whole module (starting one costs ~20 s on 2 cores). It shuts the shared
+local Ray (conftest's ``ray_local``) down first and shuts itself down at the end, so tests after
+this module start ``ray_local`` again.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------- cluster.yaml
+
+def test_cluster_yaml_is_a_valid_launcher_config():
+    import copy
+
+    import ray
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    with open(os.path.join(ROOT, "cluster.yaml")) as f:
+        config = yaml.safe_load(f)
+    for key in ("cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands",
+                "docker", "max_workers", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert key in config, key
+    validate_config(prepare_config(copy.deepcopy(config)))  # the launcher's own schema and defaults
+
+    image = config["docker"]["image"]
+    assert image == f"rayproject/ray:{ray.__version__}-py311-gpu", image  # not the discontinued ray-ml
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu_types = [t for name, t in types.items() if name != config["head_node_type"] and t["resources"].get("GPU")]
+    assert gpu_types and all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in gpu_types)
+    assert any(t["node_config"]["InstanceType"].startswith(("g5.", "p4d.")) for t in gpu_types)
+    assert any("pip install" in c and "drmi-ray" in c for c in config["setup_commands"])
+    mount = next(iter(config["file_mounts"]))
+    assert any(mount in c for c in config["setup_commands"])
+
+
+# --------------------------------------------------------------------------- the simulated cluster
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the shared local Ray of other tests, if any
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        for _ in range(2):
+            c.add_node(num_cpus=1, num_gpus=1)
+        ray.init(address=c.address, log_to_driver=False)
+        c.wait_for_nodes()
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def worker_nodes(c):
+    return [n for n in c.list_all_nodes() if n is not c.head_node]
+
+
+def ensure_workers(c, count=2):
+    """Bring the cluster back to ``count`` worker nodes (a test may have removed one)."""
+    while len(worker_nodes(c)) < count:
+        c.add_node(num_cpus=1, num_gpus=1)
+    c.wait_for_nodes()
+
+
+def raylet_pid(node) -> int:
+    return node.all_processes["raylet"][0].process.pid
+
+
+def task_processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, title) of Ray worker processes running a task or actor right now."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+            if not title.startswith("ray::") or title.startswith("ray::IDLE"):
+                continue
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        found[int(entry)] = (ppid, title)
+    return found
+
+
+class Watcher(threading.Thread):
+    """Polls /proc while a job runs: which raylet (node) ran processes whose title has ``name``."""
+
+    def __init__(self, name: str):
+        super().__init__(daemon=True)
+        self.name, self.parents, self.stop = name, set(), threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            for pid, (ppid, title) in task_processes().items():
+                if self.name in title:
+                    self.parents.add(ppid)
+            time.sleep(0.02)
+
+
+def count_files(url: str, suffix: str = ".parquet") -> int:
+    total = 0
+    for _, _, files in os.walk(url):
+        total += sum(f.endswith(suffix) for f in files)
+    return total
+
+
+@pytest.fixture(scope="module")
+def pool(digits):
+    images, _ = digits
+    return np.ascontiguousarray(images[:360])
+
+
+@pytest.fixture(scope="module")
+def clean_matrix(pool):
+    """The matrix from the plain kernel: what every faulty run must reproduce exactly."""
+    from drmi_ray.mi import pairwise_mi
+
+    return pairwise_mi(pool)
+
+
+def run_matrix_with_fault(pool, store, fault, *, tile_size=24, trigger=6):
+    """compute_mi_matrix in a thread; ``fault()`` once ``trigger`` tiles are in the store."""
+    from drmi_ray.matrix import compute_mi_matrix
+
+    result, error = {}, {}
+
+    def work():
+        try:
+            result["store"] = compute_mi_matrix(pool, store, tile_size=tile_size, max_in_flight=4, progress=False)
+        except Exception as e:  # noqa: BLE001 - re-raised in the test thread
+            error["e"] = e
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    deadline = time.time() + 120
+    while count_files(store) < trigger and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.01)
+    done_before = count_files(store)
+    fault()
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "compute_mi_matrix did not finish after the fault"
+    if error:
+        raise error["e"]
+    return result["store"], done_before
+
+
+def tile_task_name() -> str:
+    from drmi_ray import matrix
+
+    return "_tile_task" if hasattr(matrix, "_tile_task") else "tile"  # the Ray task's process title
+
+
+def test_tiles_spread_over_nodes(cluster, pool, clean_matrix, tmp_path):
+    from drmi_ray.matrix import compute_mi_matrix
+
+    ensure_workers(cluster)
+    watcher = Watcher(tile_task_name())
+    watcher.start()
+    store = compute_mi_matrix(pool, str(tmp_path / "mi"), tile_size=24, max_in_flight=4, progress=False)
+    watcher.stop.set()
+    watcher.join()
+    np.testing.assert_array_equal(store.to_dense(), clean_matrix)
+    raylets = {raylet_pid(n) for n in worker_nodes(cluster)}
+    assert watcher.parents & raylets == raylets, "tiles ran on only one node"
+    assert raylet_pid(cluster.head_node) not in watcher.parents  # the head has no CPUs
+
+
+def test_node_lost_mid_matrix_loses_no_tile(cluster, pool, clean_matrix, tmp_path):
+    ensure_workers(cluster)
+    victim = worker_nodes(cluster)[0]
+    store_url = str(tmp_path / "mi")
+
+    def kill_node():
+        cluster.remove_node(victim, allow_graceful=False)
+
+    store, done_before = run_matrix_with_fault(pool, store_url, kill_node)
+    n_tiles = (len(pool) // 24) * (len(pool) // 24 + 1) // 2
+    assert 0 < done_before < n_tiles, "the node must die mid-matrix"
+    assert victim not in cluster.list_all_nodes()
+    np.testing.assert_array_equal(store.to_dense(), clean_matrix)
+
+
+def test_worker_killed_mid_matrix_loses_no_tile(cluster, pool, clean_matrix, tmp_path):
+    ensure_workers(cluster)
+    name = tile_task_name()
+    killed = []
+
+    def kill_worker():
+        deadline = time.time() + 30
+        while not killed and time.time() < deadline:
+            for pid, (_, title) in task_processes().items():
+                if name in title:
+                    os.kill(pid, signal.SIGKILL)  # a Ray worker this test's cluster started
+                    killed.append(pid)
+                    break
+            time.sleep(0.005)
+
+    store, _ = run_matrix_with_fault(pool, str(tmp_path / "mi"), kill_worker)
+    assert killed, "no tile worker was found to kill"
+    np.testing.assert_array_equal(store.to_dense(), clean_matrix)
+
+
+def test_job_killed_mid_matrix_reruns_only_missing_tiles(cluster, pool, clean_matrix, tmp_path):
+    """The job's driver is SIGKILLed mid-matrix (its tasks die with it); a rerun into the same
+    store computes only the tiles that are missing and gives the same matrix."""
+    import subprocess
+    import sys
+
+    from drmi_ray.matrix import tile_grid
+
+    ensure_workers(cluster)
+    store_url = str(tmp_path / "mi")
+    np.save(tmp_path / "pool.npy", pool)
+    script = (
+        "import numpy as np, ray\n"
+        "from drmi_ray.matrix import compute_mi_matrix\n"
+        f"ray.init(address={cluster.address!r}, log_to_driver=False)\n"
+        f"compute_mi_matrix(np.load({str(tmp_path / 'pool.npy')!r}), {store_url!r}, tile_size=24, max_in_flight=2,"
+        " progress=False)\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while count_files(store_url) < 8 and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert driver.poll() is None, "the driver finished before it could be killed"
+        os.kill(driver.pid, signal.SIGKILL)  # the driver this test started
+    finally:
+        driver.wait(timeout=60)
+    time.sleep(1.0)  # tasks of the dead driver finish or are cancelled
+    present = {tuple(int(x) for x in f[len("tile-"):-len(".parquet")].split("-"))
+               for f in os.listdir(os.path.join(store_url, "tiles")) if f.startswith("tile-")}
+    total = len(tile_grid(len(pool), 24))
+    assert 0 < len(present) < total
+
+    from drmi_ray.matrix import compute_mi_matrix
+
+    store = compute_mi_matrix(pool, store_url, tile_size=24, progress=False)
+    assert store.computed and not set(store.computed) & present  # only missing tiles were computed
+    assert len(store.computed) <= total - len(present)
+    assert count_files(store_url) == total
+    np.testing.assert_array_equal(store.to_dense(), clean_matrix)
+
+
+# --------------------------------------------------------------------------- optimizer actors
+
+def test_optimizer_actor_killed_mid_search_gives_the_same_selection(cluster, pool, clean_matrix, tmp_path):
+    """Shard actors (one per node) read their rows from the tile store; one is killed after the
+    second round of swaps. It is restarted from its constructor, the driver re-sends the applied
+    state, and the selection equals the clean run's."""
+    import ray
+
+    from drmi_ray.matrix import compute_mi_matrix
+    from drmi_ray.optimize import objective, select_distributed
+
+    ensure_workers(cluster)
+    store_url = str(tmp_path / "mi")
+    compute_mi_matrix(pool, store_url, tile_size=90, progress=False)
+    kwargs = dict(k=20, num_actors=2, seed=3, mode="shards", iterations=3)
+    clean = select_distributed(store_url, **kwargs)
+
+    killed = []
+
+    def kill_on_round_two(info):
+        if info["round"] == 2 and not killed:
+            victim = info["actors"][0]
+            ray.kill(victim, no_restart=False)  # a crash: the actor is restarted (max_restarts)
+            killed.append(victim)
+
+    faulty = select_distributed(store_url, progress=kill_on_round_two, **kwargs)
+    assert killed, "the search ended before round 2"
+    np.testing.assert_array_equal(faulty.indices, clean.indices)
+    assert faulty.objective == pytest.approx(clean.objective, abs=1e-9)
+    assert faulty.objective == pytest.approx(objective(clean_matrix, faulty.indices), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- target replicas
+
+@pytest.fixture(scope="module")
+def target_checkpoint(tmp_path_factory):
+    """An untrained LeNet-5 target: budgets and restarts do not depend on what it answers."""
+    import torch
+
+    from drmi_ray.models import build_model
+    from drmi_ray.target import save_classifier
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("target") / "target.pt")
+    save_classifier(build_model("lenet5"), path, name="lenet5", in_channels=1, num_classes=10, image_size=28)
+    return path
+
+
+def test_target_replica_killed_mid_run_never_spends_twice(cluster, pool, target_checkpoint, tmp_path):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from drmi_ray.target import BlackBoxTarget, QueryBudgetExceeded, TargetService
+
+    imagenet = load_imagenet_job()
+
+    ensure_workers(cluster)
+    node = worker_nodes(cluster)[0]
+    audit = str(tmp_path / "audit.jsonl")
+    budget, batch = 60, 10
+    images = pool[:budget]
+    target = BlackBoxTarget.options(
+        max_restarts=2, max_task_retries=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=True),
+    ).remote(target_checkpoint, budget=budget, rate_limit=40.0, audit_path=audit)
+    ray.get(target.info.remote())
+
+    killed = []
+
+    def crash():  # kill the replica while a batch is being answered (its rate limit holds it ~0.25 s)
+        while len([r for r in _records(audit) if r["accepted"]]) < 3:
+            time.sleep(0.01)
+        ray.kill(target, no_restart=False)
+        killed.append(time.time())
+
+    killer = threading.Thread(target=crash)
+    killer.start()
+    labels, lost = imagenet.query_target(target, images, batch=batch)
+    killer.join()
+    assert killed
+
+    used = ray.get(target.queries_used.remote())  # the restarted replica replayed the audit log
+    accepted = [r for r in _records(audit) if r["accepted"]]
+    assert used == sum(r["n"] for r in accepted) <= budget
+    answered = int((labels >= 0).sum())
+    # every counted image was answered once, or lost once to the crash: nothing was counted twice
+    assert answered + batch * len(lost) == used
+    assert len(lost) <= 1
+
+    # asking again for an answer lost to the crash is refused if it would pass the budget
+    if used + batch > budget:
+        with pytest.raises(QueryBudgetExceeded):
+            ray.get(target.query.remote(images[:batch]))
+    assert ray.get(target.queries_used.remote()) == used
+
+    # a fresh replica on the same audit log (here the plain class) starts from the spent count
+    ray.kill(target, no_restart=True)
+    replica = TargetService(target_checkpoint, budget=budget, audit_path=audit)
+    assert replica.queries_used() == used
+    if budget - used:
+        replica.query(images[: budget - used])
+    with pytest.raises(QueryBudgetExceeded):
+        replica.query(images[:1])
+    assert replica.queries_used() == budget
+
+
+def load_imagenet_job():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("imagenet", os.path.join(ROOT, "jobs", "imagenet.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["imagenet"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _records(path):
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out

@@ -1,0 +1,145 @@
+"""The tiled MI matrix on real Ray: equal to pairwise_mi, tile edges, resume, refused manifests."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from drmi_ray.matrix import TileStore, compute_mi_matrix, tile_grid
+from drmi_ray.mi import pairwise_mi
+
+
+def tile_files(store):
+    folder = os.path.join(store, "tiles")
+    return {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder)}
+
+
+def test_tiles_equal_pairwise_mi_and_read_back(ray_local, digits, tmp_path):
+    images = digits[0][:70]  # 70 = 2 full tiles of 32 + a ragged one of 6
+    store = compute_mi_matrix(images, str(tmp_path / "s"), tile_size=32, progress=False)
+    dense = pairwise_mi(images)
+    assert store.complete and store.n == 70 and store.bins == 256 and store.color == "flatten"
+    assert store.computed == tile_grid(70, 32) and len(store.computed) == 6
+    assert np.array_equal(store.to_dense(), dense)  # float64 store: bit-identical
+    rows = [69, 0, 33, 31, 64]
+    assert np.array_equal(store.read_rows(rows), dense[rows])
+    assert np.array_equal(store.read_block([65, 2], [1, 40, 69, 2]), dense[np.ix_([65, 2], [1, 40, 69, 2])])
+    reopened = TileStore(str(tmp_path / "s"))
+    assert reopened.read_rows([5]).shape == (1, 70) and reopened.dtype == np.float64
+
+
+@pytest.mark.parametrize("n,tile_size", [(2, 1), (2, 2), (20, 64), (9, 4)])
+def test_tile_edges(ray_local, digits, tmp_path, n, tile_size):
+    images = digits[0][200:200 + n]
+    store = compute_mi_matrix(images, str(tmp_path / "s"), tile_size=tile_size, progress=False)
+    assert len(store.computed) == len(tile_grid(n, tile_size))
+    assert np.array_equal(store.to_dense(), pairwise_mi(images))
+
+
+def test_float32_store_and_colour_luminance(ray_local, rng, tmp_path):
+    rgb = rng.integers(0, 256, size=(23, 8, 8, 3), dtype=np.uint8)
+    store = compute_mi_matrix(rgb, str(tmp_path / "s"), tile_size=10, color="luminance", bins=64,
+                              dtype="float32", progress=False)
+    assert store.dtype == np.float32 and store.read_rows([0]).dtype == np.float32
+    assert np.array_equal(store.to_dense(), pairwise_mi(rgb, color="luminance", bins=64).astype(np.float32))
+
+
+def test_resume_recomputes_only_missing_tiles(ray_local, digits, tmp_path):
+    images, url = digits[0][:70], str(tmp_path / "s")
+    compute_mi_matrix(images, url, tile_size=32, progress=False)
+    before = tile_files(url)
+    for name in ("tile-00000-00002.parquet", "tile-00001-00001.parquet"):
+        os.remove(os.path.join(url, "tiles", name))
+    # what a crash mid-write leaves: a temporary file, never a final tile name
+    with open(os.path.join(url, "tiles", ".tmp-00002-00002-dead.parquet"), "wb") as f:
+        f.write(b"PAR1 half a tile")
+    partial = TileStore(url)
+    assert not partial.complete and partial.missing_tiles() == [(0, 2), (1, 1)]
+    with pytest.raises(FileNotFoundError, match="incomplete.*rerun compute_mi_matrix"):
+        partial.read_rows([40])
+    store = compute_mi_matrix(images, url, tile_size=32, progress=False)
+    assert store.computed == [(0, 2), (1, 1)]
+    assert store.stats["tiles_skipped"] == 4
+    after = tile_files(url)
+    untouched = {k: v for k, v in before.items() if k not in ("tile-00000-00002.parquet", "tile-00001-00001.parquet")}
+    assert all(after[k] == v for k, v in untouched.items())  # finished tiles were not rewritten
+    assert np.array_equal(store.to_dense(), pairwise_mi(images))
+    assert compute_mi_matrix(images, url, tile_size=32, progress=False).computed == []
+
+
+@pytest.mark.heavy
+def test_interrupted_job_resumes(ray_local, digits, tmp_path):
+    """Ctrl-C a real job mid-way (its own process and Ray), then finish it here (20 s idle, 2 min loaded)."""
+    url = str(tmp_path / "s")
+    script = textwrap.dedent(f"""
+        import ray
+        from drmi_ray.data import bundled_mnist
+        from drmi_ray.matrix import compute_mi_matrix
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        compute_mi_matrix(bundled_mnist()[0][:2000], {url!r}, tile_size=50, max_in_flight=1, progress=False)
+    """)
+    job = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tiles = os.path.join(url, "tiles")
+    deadline = time.time() + 120
+    def finished_tiles():  # final names only: a .tmp file is a tile still being written
+        return [f for f in os.listdir(tiles) if f.startswith("tile-")] if os.path.isdir(tiles) else []
+
+    while time.time() < deadline and not finished_tiles():
+        time.sleep(0.2)
+    job.send_signal(signal.SIGINT)
+    job.wait(timeout=60)
+    assert job.returncode != 0  # it was stopped, not finished
+    missing = TileStore(url).missing_tiles()
+    assert 0 < len(missing) < len(tile_grid(2000, 50))  # 820 tiles, one at a time: it cannot be done yet
+    images = digits[0][:2000]
+    store = compute_mi_matrix(images, url, tile_size=50, progress=False)
+    assert store.computed == missing
+    assert np.array_equal(store.read_rows([0, 1999]), pairwise_mi(images[[0, 1999]], images))
+
+
+@pytest.mark.parametrize("change", ["bins", "color", "tile_size", "dtype", "pool"])
+def test_store_of_other_settings_or_pool_is_refused(ray_local, digits, tmp_path, change):
+    images, url = digits[0][:12], str(tmp_path / "s")
+    compute_mi_matrix(images, url, tile_size=8, progress=False)
+    kwargs = {"tile_size": 8, "progress": False}
+    if change == "pool":
+        images = images.copy()
+        images[5, 14, 14] ^= 1  # one pixel differs
+    else:
+        kwargs.update({"bins": {"bins": 64}, "color": {"color": "luminance"}, "tile_size": {"tile_size": 4},
+                       "dtype": {"dtype": "float32"}}[change])
+    with pytest.raises(ValueError, match=f"another pool or other settings.*{change}"):
+        compute_mi_matrix(images, url, **kwargs)
+    assert len(os.listdir(os.path.join(url, "tiles"))) == 3  # nothing mixed in
+
+
+def test_gpu_tasks_schedule_and_fall_back_to_cpu(digits, tmp_path):
+    """num_gpus_per_task on a Ray with (fake) GPUs: tasks get a GPU id; without CUDA they use numba."""
+    import ray
+
+    ray.shutdown()  # the shared local Ray has no GPUs; the next ray_local user starts it again
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        images = digits[0][:50]
+        store = compute_mi_matrix(images, str(tmp_path / "s"), tile_size=20, num_gpus_per_task=1, progress=False)
+        assert len(store.computed) == 6
+        assert np.array_equal(store.to_dense(), pairwise_mi(images))
+    finally:
+        ray.shutdown()
+
+
+def test_bad_requests(ray_local, digits, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no MI tile store"):
+        TileStore(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="num_gpus_per_task=1 but the Ray cluster has 0"):
+        compute_mi_matrix(digits[0][:4], str(tmp_path / "g"), num_gpus_per_task=1, progress=False)
+    with pytest.raises(TypeError, match="images must be uint8"):
+        compute_mi_matrix(digits[0][:4].astype(float), str(tmp_path / "f"), progress=False)
+    store = compute_mi_matrix(digits[0][:4], str(tmp_path / "ok"), progress=False)
+    with pytest.raises(IndexError, match=r"0\.\.3"):
+        store.read_rows([4])
