@@ -100,8 +100,8 @@ def reduce(args) -> str:
     out = (args.out or report.new_run_folder("reduce")).rstrip("/")
     pool = load_pool(args.pool, size=args.size, mode="RGB" if args.rgb else "L",
                      on_error="skip" if args.skip_bad else "raise")
-    if args.budget > len(pool):
-        raise SystemExit(f"drmi reduce: budget {args.budget} is larger than the pool ({len(pool)} images); lower --budget")
+    if not 2 <= args.budget <= len(pool):
+        raise ValueError(f"budget {args.budget} must be between 2 and the pool size ({len(pool)} images); change --budget")
     ray.init(address=args.address) if args.address else (ray.is_initialized() or ray.init())
     store = compute_mi_matrix(pool.images, f"{out}/mi", bins=args.bins, color=args.color)
     selection = select(store.to_dense(), args.budget, seed=args.seed)

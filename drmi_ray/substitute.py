@@ -64,7 +64,7 @@ def _train_loop(cfg: dict) -> dict:
     if world > 1 or cfg["use_gpu"]:
         model = ray.train.torch.prepare_model(model)  # device placement, DDP when world > 1
     losses: list[float] = []
-    fit_model(model, to_tensor(images), torch.from_numpy(labels), config, rank=rank,
+    fit_model(model, to_tensor(images), torch.from_numpy(np.array(labels)), config, rank=rank,
               world_size=world, on_epoch=lambda epoch, loss: losses.append(loss))
     inner = model.module if hasattr(model, "module") else model
     # Train V2 refuses tensors in return values: hand back numpy arrays
@@ -128,13 +128,20 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
 
     ``max_concurrent`` fits run at once (default: as many as the cluster's CPUs hold, counting
     ``num_workers * cpus_per_worker`` each, at least 1). Results come back in ``jobs`` order;
-    the first failure is raised after the others finish.
+    the first failure is raised after the others finish. ``num_workers=0`` runs each fit in
+    Train's local mode inside its own Ray task (Ray schedules them): for large grids of small
+    substitutes, where the worker group's start-up would dominate.
     """
     jobs = list(jobs)
     if not jobs:
         return []
     if not ray.is_initialized():
         ray.init()
+    if num_workers == 0:
+        # Train's local mode runs the loop in the calling process: one Ray task per fit keeps
+        # concurrent fits in separate processes and skips the worker-group start-up.
+        fit = ray.remote(num_cpus=cpus_per_worker)(_fit_local)
+        return ray.get([fit.remote(images, labels, config, storage_path) for images, labels, config in jobs])
     if max_concurrent is None:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         max_concurrent = max(1, int(cpus // max(num_workers * cpus_per_worker, 1.0)))
@@ -144,6 +151,11 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
                                storage_path=storage_path)
                    for images, labels, config in jobs]
         return [f.result() for f in futures]
+
+
+def _fit_local(images, labels, config, storage_path):
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    return fit_substitute(images, labels, config, num_workers=0, storage_path=storage_path)
 
 
 def evaluate(model: nn.Module, test_images, test_labels, target_labels=None) -> dict:

@@ -9,13 +9,6 @@ from drmi_ray.attack import AttackConfig, pgd, transfer, transfer_rate
 from drmi_ray.models import TrainConfig, predict, to_tensor, train_classifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """2 shared cores: one torch thread per process avoids OpenMP oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

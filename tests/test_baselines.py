@@ -20,15 +20,6 @@ FAST = TrainConfig(model="lenet5", epochs=15, min_steps=0, batch_size=32)
 TARGET = TrainConfig(model="lenet5", epochs=6, min_steps=0)  # ~0.8 held-out accuracy, 96 steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two shared cores: torch's default of 2 threads is several times slower under load."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class CountingTarget:

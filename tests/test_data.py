@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from drmi_ray.data import (bundled_mnist, check_images, image_folder_pool, load_pool, parquet_pool,
+from drmi_ray.data import (image_folder_pool, load_pool, parquet_pool,
                            split_indices)
 
 
@@ -30,17 +30,6 @@ def test_splits_are_disjoint_and_deterministic():
         split_indices(5000, target_train=2000, pool=2000, test=1001)
     with pytest.raises(ValueError, match="at least one image"):
         split_indices(10, target_train=0, pool=5, test=5)
-
-
-@pytest.mark.parametrize("bad, error, match", [
-    (np.zeros((4, 28, 28), dtype=np.float32), TypeError, "uint8"),
-    (np.zeros((4, 28), dtype=np.uint8), ValueError, "shape"),
-    (np.zeros((0, 28, 28), dtype=np.uint8), ValueError, "empty"),
-    ([[1, 2]], TypeError, "numpy array"),
-])
-def test_check_images_refuses_bad_pools(bad, error, match):
-    with pytest.raises(error, match=match):
-        check_images(bad)
 
 
 def write_folder(root, digits, n=12, corrupt=True):

@@ -8,13 +8,6 @@ from drmi_ray.models import (MODEL_NAMES, TrainConfig, build_model, num_steps, p
                              predict_proba, to_tensor, train_classifier)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """2 shared cores: one torch thread per process avoids OpenMP oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

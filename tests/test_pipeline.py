@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from drmi_ray.cli import main
@@ -61,3 +60,26 @@ def test_cli_refuses_bad_budget_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "larger than the attacker's pool" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_drmi_reduce_on_an_image_folder(tmp_path, digits, ray_local):
+    from PIL import Image
+
+    from drmi_ray.mi import pairwise_mi
+    from drmi_ray.optimize import select
+
+    images, labels = digits
+    for i in range(40):
+        folder = tmp_path / "pool" / str(labels[i * 100])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i * 100]).save(folder / f"{i:02d}.png")
+    out = tmp_path / "reduced"
+    assert main(["reduce", str(tmp_path / "pool"), "--budget", "8", "--out", str(out)]) == 0
+    result = json.loads((out / "selection.json").read_text())
+    assert len(result["selected"]) == 8 and result["skipped"] == []
+    # the same selection as select() on the MI of the decoded pool, in path order
+    order = sorted(range(40), key=lambda i: f"{labels[i * 100]}/{i:02d}.png")
+    expected = select(pairwise_mi(images[[i * 100 for i in order]]), 8, seed=0)
+    assert result["indices"] == expected.indices.tolist()
+    assert abs(result["objective"] - expected.objective) < 1e-9
+    assert main(["reduce", str(tmp_path / "pool"), "--budget", "41", "--out", str(tmp_path / "x")]) == 2

@@ -13,14 +13,6 @@ from drmi_ray.prada import PradaDetector, PradaMonitor, round_probs, top1
 FAST = TrainConfig(model="lenet5", epochs=15, min_steps=0, batch_size=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

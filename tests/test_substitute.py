@@ -10,13 +10,6 @@ from drmi_ray.models import TrainConfig, predict, train_classifier
 from drmi_ray.substitute import evaluate, fit_substitute, fit_substitutes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """2 shared cores: one torch thread per process avoids OpenMP oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 FAST = TrainConfig(model="lenet5", epochs=10, min_steps=150)
 

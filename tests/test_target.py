@@ -13,13 +13,6 @@ from drmi_ray.target import (BlackBoxTarget, QueryBudgetExceeded, TargetService,
                              load_classifier, train_target)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """2 shared cores: one torch thread per process avoids OpenMP oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
