@@ -54,12 +54,13 @@ def load_data(config: ExperimentConfig) -> Data:
     train = load_pool(pc.source, download=pc.download)
     name, _, root = pc.source.partition(":")
     held_out = load_pool(f"{name}-test:{root}", download=pc.download)
-    t = split_indices(len(train), target_train=min(pc.target_train, len(train)), pool=1, test=1, seed=pc.split_seed) \
-        if pc.target_train < len(train) else None
-    target_idx = t.target_train if t is not None else np.arange(len(train))
-    s = split_indices(len(held_out), target_train=1, pool=pc.pool, test=pc.test - 1, seed=pc.split_seed)
-    test_idx = np.sort(np.concatenate([s.target_train, s.test]))  # the 1-image "target" part joins the test split
-    return Data(train.images[target_idx], train.labels[target_idx], held_out.images[s.pool],
+    if pc.pool + pc.test > len(held_out):
+        raise ValueError(f"pool ({pc.pool}) + test ({pc.test}) exceed the {len(held_out)} held-out images of {name}")
+    rng = np.random.default_rng(pc.split_seed)
+    target_idx = np.sort(rng.permutation(len(train))[: pc.target_train])
+    order = rng.permutation(len(held_out))
+    pool_idx, test_idx = np.sort(order[: pc.pool]), np.sort(order[pc.pool: pc.pool + pc.test])
+    return Data(train.images[target_idx], train.labels[target_idx], held_out.images[pool_idx],
                 held_out.images[test_idx], held_out.labels[test_idx])
 
 

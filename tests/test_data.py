@@ -109,3 +109,31 @@ def test_torchvision_mnist_from_local_files(tmp_path, digits):
 def test_unknown_pool_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="bundled-mnist"):
         load_pool(str(tmp_path / "nowhere"))
+
+
+def test_paper_mnist_protocol_keeps_target_and_attacker_apart(tmp_path, digits):
+    import dataclasses
+
+    from drmi_ray.config import ExperimentConfig, apply_protocol
+    from drmi_ray.experiment import load_data
+
+    images, labels = digits
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "train-images-idx3-ubyte", images[:3000])
+    write_idx(raw / "train-labels-idx1-ubyte", labels[:3000])
+    write_idx(raw / "t10k-images-idx3-ubyte", images[3000:])
+    write_idx(raw / "t10k-labels-idx1-ubyte", labels[3000:])
+    config = apply_protocol(ExperimentConfig(), "paper-mnist", str(tmp_path))
+    assert config.pool.source == f"mnist:{tmp_path}" and config.pool.target_train == 60000
+    config.pool = dataclasses.replace(config.pool, pool=1200, test=800)
+    data = load_data(config)
+    assert len(data.target_images) == 3000  # the whole training set (smaller than 60k here)
+    assert len(data.pool) == 1200 and len(data.test_images) == 800
+    # the attacker's pool and the test split come from the held-out set, disjoint from each other
+    held_out = {img.tobytes() for img in images[3000:]}
+    pool_keys = {img.tobytes() for img in data.pool}
+    assert pool_keys <= held_out and not pool_keys & {img.tobytes() for img in data.test_images}
+    config.pool = dataclasses.replace(config.pool, pool=1500, test=600)
+    with pytest.raises(ValueError, match="exceed the 2000 held-out images"):
+        load_data(config)
