@@ -29,6 +29,8 @@ def run_parser(sub) -> None:
     p.add_argument("--data-root", default="data", help="folder of torchvision MNIST / CIFAR-10 (default ./data)")
     p.add_argument("--pool", dest="source", help="pool source: bundled-mnist (default), mnist:ROOT, cifar10:ROOT, or a URL")
     p.add_argument("--download", action="store_true", help="let torchvision download MNIST / CIFAR-10 into ROOT")
+    p.add_argument("--pool-size", type=int, help="images in the attacker's pool (default 2000)")
+    p.add_argument("--test-size", type=int, help="images in the test split (default 1000)")
     p.add_argument("--methods", type=str_list,
                    help="comma-separated methods, or 'all': drmi, random, cmal, cpb, trace, kcenter, jbda, "
                         "drmi-sqrt, drmi-joint, drmi-balanced (default drmi,random)")
@@ -59,7 +61,8 @@ def build_config(args):
     if args.quick:
         config = quick(config)
     r = dataclasses.replace
-    pool = {k: v for k, v in (("source", args.source), ("download", args.download or None)) if v is not None}
+    pool = {k: v for k, v in (("source", args.source), ("download", args.download or None),
+                              ("pool", args.pool_size), ("test", args.test_size)) if v is not None}
     sel = {k: v for k, v in (("methods", args.methods), ("budgets", args.budgets), ("seeds", args.seeds)) if v is not None}
     mi = {k: v for k, v in (("bins", args.bins), ("color", args.color)) if v is not None}
     target = {k: v for k, v in (("checkpoint", args.checkpoint), ("rate_limit", args.rate_limit),

@@ -117,6 +117,19 @@ def evaluate_cell(checkpoint, substitute, test_images, test_labels, target_label
     return scores
 
 
+def gather(refs: list, what: str) -> list:
+    """ray.get with a progress line every 10% of the refs (or every 10 s)."""
+    done, last = 0, time.perf_counter()
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=min(len(pending), max(1, len(refs) // 10)), timeout=10)
+        done += len(ready)
+        if ready or time.perf_counter() - last > 10:
+            print(f"[drmi]   {what} {done}/{len(refs)}", flush=True)
+            last = time.perf_counter()
+    return ray.get(refs)
+
+
 def acquire_all(cells, config, checkpoint, pool_ref, mi_ref, audit_dir):
     """Run every cell's acquisition, a bounded window of target actors at a time.
 
@@ -190,7 +203,7 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
 
     with timings.stage("evaluation and PGD transfer"):
         refs = [ray.put(x) for x in (data.test_images, data.test_labels, target_labels)]
-        scores = ray.get([evaluate_cell.remote(checkpoint, s, *refs, config.attack) for s in substitutes])
+        scores = gather([evaluate_cell.remote(checkpoint, s, *refs, config.attack) for s in substitutes], "evaluated")
 
     rows = []
     for cell, sc in zip(cells, scores):

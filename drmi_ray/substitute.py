@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,6 +150,8 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
                                use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
                                storage_path=storage_path)
                    for images, labels, config in jobs]
+        for done, _ in enumerate(as_completed(futures), 1):
+            print(f"[drmi]   substitutes fitted {done}/{len(futures)}", flush=True)
         return [f.result() for f in futures]
 
 
