@@ -105,7 +105,10 @@ def reduce(args) -> str:
                      on_error="skip" if args.skip_bad else "raise")
     if not 2 <= args.budget <= len(pool):
         raise ValueError(f"budget {args.budget} must be between 2 and the pool size ({len(pool)} images); change --budget")
-    ray.init(address=args.address) if args.address else (ray.is_initialized() or ray.init())
+    if args.address:
+        ray.init(address=args.address)
+    elif not ray.is_initialized():
+        ray.init()
     store = compute_mi_matrix(pool.images, f"{out}/mi", bins=args.bins, color=args.color)
     selection = select(store.to_dense(), args.budget, seed=args.seed)
     result = {
