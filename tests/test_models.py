@@ -8,8 +8,6 @@ from drmi_ray.models import (MODEL_NAMES, TrainConfig, build_model, num_steps, p
                              predict_proba, to_tensor, train_classifier)
 
 
-
-
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
 def test_models_build_and_give_logits(name, channels, size):

@@ -13,8 +13,6 @@ from drmi_ray.prada import PradaDetector, PradaMonitor, round_probs, top1
 FAST = TrainConfig(model="lenet5", epochs=15, min_steps=0, batch_size=32)
 
 
-
-
 @pytest.fixture(scope="module")
 def world(digits):
     """A real target (LeNet-5 on 600 digits) and an attacker pool of 1,000 other digits."""

@@ -2,7 +2,6 @@
 
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -10,17 +9,14 @@ from drmi_ray.models import TrainConfig, predict, train_classifier
 from drmi_ray.substitute import evaluate, fit_substitute, fit_substitutes
 
 
-
 FAST = TrainConfig(model="lenet5", epochs=10, min_steps=150)
 
 
 @pytest.fixture(scope="module")
-def world(digits):
+def world(digits, lenet5_target):
     """A lenet5 target on 1,000 digits, a 300-image attacker pool it labels, a test split."""
     images, labels = digits
-    perm = np.random.default_rng(0).permutation(len(images))
-    target = train_classifier(images[perm[:1000]], labels[perm[:1000]],
-                              TrainConfig(model="lenet5", lr=2e-3))
+    target, perm = lenet5_target
     pool = images[perm[1000:1300]]
     test = perm[3000:]
     return {"target": target, "pool": pool, "answers": predict(target, pool),

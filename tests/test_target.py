@@ -13,8 +13,6 @@ from drmi_ray.target import (BlackBoxTarget, QueryBudgetExceeded, TargetService,
                              load_classifier, train_target)
 
 
-
-
 @pytest.fixture(scope="module")
 def split(digits):
     images, labels = digits
