@@ -86,7 +86,8 @@ def write_tile(fs, root: str, i: int, j: int, block: np.ndarray, dtype: str) -> 
     tmp = posixpath.join(root, "tiles", f".tmp-{i:05d}-{j:05d}-{uuid.uuid4().hex}.parquet")
     table = pa.table({"mi": np.ascontiguousarray(block, dtype=dtype).ravel()})
     with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="none")  # MI floats do not compress
+        # MI floats neither compress nor repeat: a dictionary page would only add 1 MB per tile
+        pq.write_table(table, f, compression="none", use_dictionary=False)
     fs.mv(tmp, final)
 
 
