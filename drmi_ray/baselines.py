@@ -14,15 +14,23 @@ Entry point::
 ``query(images uint8 (n, ...)) -> labels int64 (n,)``; a query that answers probability rows
 ``(n, classes)`` is accepted too (its argmax is used).
 
+Query order: each method sends its queries in its own natural order, the order its algorithm
+picks them; a method that picks a set (the swap-search optimizer) sends it in a seeded shuffle
+(``seeded_shuffle(indices, seed)``). Never in pool-index order: a pool stored by class would
+otherwise reach the target class by class, which is what a stealth detector such as PRADA sees.
+
 Methods (``METHODS``), with the exact rules:
 
-``random``   ``budget`` distinct pool images drawn uniformly (``default_rng(seed)``), sorted.
-``drmi``     ``optimize.select(mi, budget, seed=seed)`` on the caller's pairwise MI matrix.
+``random``   ``budget`` distinct pool images drawn uniformly (``default_rng(seed).choice``), in
+             draw order.
+``drmi``     ``optimize.select(mi, budget, seed=seed)`` on the caller's pairwise MI matrix (the
+             paper's objective, min Σ_{i<j∈S} MI(i, j)); seeded shuffle.
 ``cmal``     the same optimizer on ``|corrcoef|`` of the flattened images (``correlation_matrix``;
-             a constant image's undefined correlations are set to 1, i.e. fully redundant).
+             a constant image's undefined correlations are set to 1, i.e. fully redundant);
+             seeded shuffle.
 ``kcenter``  greedy k-center in pixel space (float, L2): the first centre is
              ``default_rng(seed).integers(n)``; then repeatedly the pool image farthest from its
-             nearest chosen centre (ties: lowest index).
+             nearest chosen centre (ties: lowest index); in pick order.
 ``cpb``      class-probability baseline. Seed step: ``s = min(budget, max(10, ceil(0.2 budget)))``
              pool images at random (as ``random``), queried; a first substitute is trained on them
              (``models.train_classifier``, ``substitute_config`` with ``seed=seed``). Then, over the
@@ -37,7 +45,7 @@ Methods (``METHODS``), with the exact rules:
              (all hidden layers, eval mode, concatenated). Then greedy farthest-point in Hamming
              distance: repeatedly the pool image (not yet chosen) whose trace is farthest from its
              nearest trace among the seed set and the picks so far (ties: lowest index), until
-             ``budget - s`` are picked.
+             ``budget - s`` are picked; in pick order.
 ``jbda``     Jacobian-based dataset augmentation (Papernot et al., AsiaCCS 2017; the attack PRADA
              detects). Seed: ``min(budget, 10)`` random pool images, queried. Round ``ρ = 0, 1, ...``:
              train a substitute on everything labelled so far (``substitute_config``, ``seed=seed``),
@@ -48,10 +56,25 @@ Methods (``METHODS``), with the exact rules:
              round; the round that would pass the budget augments only a seeded random subset of
              the labelled images (as many as are left). Synthetic images get index ``-1``.
 ``drmi-sqrt``, ``drmi-joint``  DRMI on normalised MI (``normalized_mi``): ``MI / sqrt(H(u) H(v))``
-             or ``MI / H(u, v)``; plain MI favours low-entropy images since ``MI <= min(H(u), H(v))``.
+             or ``MI / H(u, v)``; plain MI favours low-entropy images since ``MI <= min(H(u), H(v))``;
+             seeded shuffle.
 ``drmi-balanced``  plain DRMI inside each of 10 k-means clusters of the pool
              (``optimize.kmeans_partitions``, images block-averaged to 7x7, no labels), budgets
-             proportional to cluster size (``optimize.select_partitioned``).
+             proportional to cluster size (``optimize.select_partitioned``); seeded shuffle.
+
+The label-free objectives below use ``NMI = normalized_mi(mi, "sqrt")`` (in [0, 1], 1 on the
+diagonal) as the similarity of two images.
+
+``drmi-typical``  one typical image per region of the pool: ``kmeans_partitions(pool, budget,
+             seed=seed)``; within each cluster rank the members by their summed NMI to the other
+             members (most typical first); query the first ``budget`` by (rank, larger cluster
+             first, lower index), i.e. every cluster's most typical image, largest clusters first
+             (``typical_indices``).
+``drmi-cover``  coverage (facility location): greedy ``max Σ_{x in pool} max_{s∈S} NMI(x, s)``
+             (``optimize.select_coverage``), every pool image close to a chosen one; in pick order.
+``drmi-mix``  coverage minus redundancy: greedy ``max Σ_x max_{s∈S} NMI(x, s) − 0.1 ·
+             Σ_{i<j∈S} NMI(i, j)`` (``MIX_REDUNDANCY``, set on seeds 100-103, never on the
+             reported seeds); in pick order.
 
 A method that trains a substitute (``cpb``, ``trace``, ``jbda``) takes ``substitute_config``
 (a ``models.TrainConfig``; default ``TrainConfig()``, C3F2) and overrides only its ``seed``.
@@ -72,9 +95,11 @@ from torch import nn
 from .models import TrainConfig, predict_proba, to_tensor, train_classifier
 
 METHODS = ("drmi", "random", "cmal", "cpb", "trace", "kcenter", "jbda",
-           "drmi-sqrt", "drmi-joint", "drmi-balanced")
-MI_METHODS = ("drmi", "drmi-sqrt", "drmi-joint", "drmi-balanced")  # need the pool's MI matrix
+           "drmi-sqrt", "drmi-joint", "drmi-balanced", "drmi-typical", "drmi-cover", "drmi-mix")
+MI_METHODS = ("drmi", "drmi-sqrt", "drmi-joint", "drmi-balanced",  # need the pool's MI matrix
+              "drmi-typical", "drmi-cover", "drmi-mix")
 BALANCED_CLUSTERS = 10  # drmi-balanced: k-means clusters of the pool (no labels needed)
+MIX_REDUNDANCY = 0.1  # drmi-mix: weight of the pairwise NMI penalty against coverage
 
 SEED_SHARE = 0.2  # cpb / trace: share of the budget spent at random first ...
 SEED_MIN = 10  # ... but at least this many images (never more than the budget)
@@ -196,8 +221,13 @@ def seed_size(budget: int) -> int:
 # --------------------------------------------------------------------------- pool-only methods
 
 def random_indices(n: int, k: int, seed: int) -> np.ndarray:
-    """``k`` distinct indices of ``range(n)``, uniform, sorted."""
-    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+    """``k`` distinct indices of ``range(n)``, uniform, in draw order."""
+    return np.random.default_rng(seed).choice(n, size=k, replace=False)
+
+
+def seeded_shuffle(indices: np.ndarray, seed: int) -> np.ndarray:
+    """The query order of a method whose algorithm picks a set, not a sequence."""
+    return np.random.default_rng(seed).permutation(np.asarray(indices, dtype=np.int64))
 
 
 def correlation_matrix(pool_images: np.ndarray) -> np.ndarray:
@@ -241,7 +271,7 @@ def _drmi(ledger, budget, *, seed, mi, **_):
     from .optimize import select
 
     sel = select(mi, budget, seed=seed)
-    ledger.ask_pool(sel.indices)
+    ledger.ask_pool(seeded_shuffle(sel.indices, seed))
     return {"objective": float(sel.objective)}
 
 
@@ -262,7 +292,7 @@ def _drmi_normalized(kind):
         from .optimize import select
 
         sel = select(normalized_mi(mi, kind), budget, seed=seed)
-        ledger.ask_pool(sel.indices)
+        ledger.ask_pool(seeded_shuffle(sel.indices, seed))
         return {"objective": float(sel.objective)}
 
     return run
@@ -274,20 +304,59 @@ def _drmi_balanced(ledger, budget, *, seed, mi, **_):
 
     clusters = kmeans_partitions(ledger.pool, min(BALANCED_CLUSTERS, len(ledger.pool)), seed=seed)
     sel = select_partitioned(clusters, budget, lambda idx: mi[np.ix_(idx, idx)], seed=seed)
-    ledger.ask_pool(sel.indices)
+    ledger.ask_pool(seeded_shuffle(sel.indices, seed))
     return {"objective": float(sel.objective)}
+
+
+def typical_indices(pool_images: np.ndarray, sim: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """drmi-typical's rule: ``k`` images, one typical image per k-means cluster, in query order.
+
+    ``kmeans_partitions(pool_images, k, seed=seed)``; an image's typicality is its summed ``sim``
+    to the other members of its cluster. Images are ranked within their cluster by descending
+    typicality; the first ``k`` by (rank, larger cluster first, lower index) are returned, so
+    every cluster gives its most typical image before any gives a second (k-means can leave a
+    cluster empty)."""
+    from .optimize import kmeans_partitions
+
+    clusters = kmeans_partitions(pool_images, k, seed=seed)
+    n = len(clusters)
+    typicality, rank, size = np.zeros(n), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for c in np.unique(clusters):
+        members = np.flatnonzero(clusters == c)
+        within = sim[np.ix_(members, members)]
+        typicality[members] = within.sum(axis=1) - np.diag(within)
+        ranked = members[np.lexsort((members, -typicality[members]))]
+        rank[ranked] = np.arange(len(members))
+        size[members] = len(members)
+    return np.lexsort((np.arange(n), -size, rank))[:k]
+
+
+def _drmi_typical(ledger, budget, *, seed, mi, **_):
+    ledger.ask_pool(typical_indices(ledger.pool, normalized_mi(mi, "sqrt"), budget, seed))
+    return {}
+
+
+def _drmi_cover(redundancy):
+    def run(ledger, budget, *, mi, **_):
+        from .optimize import select_coverage
+
+        sel = select_coverage(normalized_mi(mi, "sqrt"), budget, redundancy=redundancy)
+        ledger.ask_pool(sel.order)
+        return {"objective": float(sel.objective)}
+
+    return run
 
 
 def _cmal(ledger, budget, *, seed, **_):
     from .optimize import select
 
     sel = select(correlation_matrix(ledger.pool), budget, seed=seed)
-    ledger.ask_pool(sel.indices)
+    ledger.ask_pool(seeded_shuffle(sel.indices, seed))
     return {"objective": float(sel.objective)}
 
 
 def _kcenter(ledger, budget, *, seed, **_):
-    ledger.ask_pool(np.sort(kcenter_indices(ledger.pool, budget, seed)))
+    ledger.ask_pool(kcenter_indices(ledger.pool, budget, seed))
     return {}
 
 
@@ -375,7 +444,7 @@ def _trace(ledger, budget, *, seed, config, **_):
     rest = budget - len(seed_idx)
     if rest:
         traces = activation_traces(substitute, ledger.pool)
-        ledger.ask_pool(np.sort(farthest_traces(traces, seed_idx, rest)))
+        ledger.ask_pool(farthest_traces(traces, seed_idx, rest))
     return {"seed_queries": int(len(seed_idx))}
 
 
@@ -427,5 +496,7 @@ def _jbda(ledger, budget, *, seed, config, **_):
 
 _RUNNERS = {"random": _random, "drmi": _drmi, "cmal": _cmal, "kcenter": _kcenter,
             "cpb": _cpb, "trace": _trace, "jbda": _jbda, "drmi-sqrt": _drmi_normalized("sqrt"),
-            "drmi-joint": _drmi_normalized("joint"), "drmi-balanced": _drmi_balanced}
+            "drmi-joint": _drmi_normalized("joint"), "drmi-balanced": _drmi_balanced,
+            "drmi-typical": _drmi_typical, "drmi-cover": _drmi_cover(0.0),
+            "drmi-mix": _drmi_cover(MIX_REDUNDANCY)}
 assert set(_RUNNERS) == set(METHODS)

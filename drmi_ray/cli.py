@@ -33,7 +33,8 @@ def run_parser(sub) -> None:
     p.add_argument("--test-size", type=int, help="images in the test split (default 1000)")
     p.add_argument("--methods", type=str_list,
                    help="comma-separated methods, or 'all': drmi, random, cmal, cpb, trace, kcenter, jbda, "
-                        "drmi-sqrt, drmi-joint, drmi-balanced (default drmi,random)")
+                        "drmi-sqrt, drmi-joint, drmi-balanced, drmi-typical, drmi-cover, drmi-mix "
+                        "(default drmi,random; all are label-free: no method reads the pool's labels)")
     p.add_argument("--budgets", type=int_list, help="comma-separated query budgets (default 50,100,200,400,600)")
     p.add_argument("--seeds", type=int, help="seeds per (method, budget) cell (default 1)")
     p.add_argument("--target", dest="checkpoint", help="a trained target checkpoint to attack instead of training one")

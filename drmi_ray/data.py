@@ -219,7 +219,10 @@ class Splits:
 
 
 def split_indices(n: int, *, target_train: int, pool: int, test: int, seed: int = 0) -> Splits:
-    """Deterministic, disjoint random splits of ``range(n)`` (each sorted ascending)."""
+    """Deterministic, disjoint random splits of ``range(n)``, each in the seeded random order.
+
+    The order is kept on purpose: the bundled digits are stored sorted by label, and a sorted
+    split would hand every method a class-ordered pool (and the target class-ordered queries)."""
     sizes = {"target_train": target_train, "pool": pool, "test": test}
     if any(s < 1 for s in sizes.values()):
         raise ValueError(f"every split needs at least one image, got {sizes}")
@@ -228,4 +231,4 @@ def split_indices(n: int, *, target_train: int, pool: int, test: int, seed: int 
     order = np.random.default_rng(seed).permutation(n)
     cuts = np.cumsum([target_train, pool, test])
     parts = np.split(order[: cuts[-1]], cuts[:-1])
-    return Splits(*(np.sort(p) for p in parts))
+    return Splits(*parts)

@@ -57,9 +57,9 @@ def load_data(config: ExperimentConfig) -> Data:
     if pc.pool + pc.test > len(held_out):
         raise ValueError(f"pool ({pc.pool}) + test ({pc.test}) exceed the {len(held_out)} held-out images of {name}")
     rng = np.random.default_rng(pc.split_seed)
-    target_idx = np.sort(rng.permutation(len(train))[: pc.target_train])
-    order = rng.permutation(len(held_out))
-    pool_idx, test_idx = np.sort(order[: pc.pool]), np.sort(order[pc.pool: pc.pool + pc.test])
+    target_idx = rng.permutation(len(train))[: pc.target_train]
+    order = rng.permutation(len(held_out))  # kept in this seeded order (see split_indices)
+    pool_idx, test_idx = order[: pc.pool], order[pc.pool: pc.pool + pc.test]
     return Data(train.images[target_idx], train.labels[target_idx], held_out.images[pool_idx],
                 held_out.images[test_idx], held_out.labels[test_idx])
 

@@ -44,13 +44,15 @@ class Selection:
     """``indices``: sorted int64 ``(k,)``; ``objective``: ``Σ_{i<j∈S} mi[i, j]``.
 
     ``history`` lists ``(seconds, best objective)`` each time the search improved (for benchmarks);
-    ``iterations`` counts the perturbation rounds run.
+    ``iterations`` counts the perturbation rounds run; ``order`` is the pick order of a greedy
+    method (``select_coverage``), None for the swap search (it picks a set, not a sequence).
     """
 
     indices: np.ndarray
     objective: float
     history: list = field(default_factory=list, repr=False)
     iterations: int = 0
+    order: np.ndarray | None = field(default=None, repr=False)  # pick order, where the method has one
 
 
 # ----------------------------------------------------------------------------- validation
@@ -321,6 +323,67 @@ def select(mi, k, *, seed=0, iterations: int = 200, time_limit: float | None = N
     it = _iterated_local_search(state, rng, iterations=iterations, time_limit=time_limit, strength=strength or _default_strength(k), patience=patience, start=start, history=history)
     idx = np.sort(state.members)
     return Selection(idx, objective(mi, idx), history, it)
+
+
+# ----------------------------------------------------------------------------- coverage
+
+
+@njit(cache=True, nogil=True)
+def _coverage_greedy(sim, k, redundancy):
+    """Lazy greedy for F(S) = Σ_x max_{s∈S} sim[x, s] − redundancy · Σ_{i<j∈S} sim[i, j].
+
+    With sim >= 0 both terms only lose marginal gain as S grows (submodular), so a candidate's
+    last computed gain bounds its gain now: only candidates whose bound leads are recomputed.
+    Returns the picks in order (ties: lowest index)."""
+    n = sim.shape[0]
+    cover = np.zeros(n)  # max_{s∈S} sim[x, s]
+    overlap = np.zeros(n)  # Σ_{s∈S} sim[x, s]
+    bound = np.full(n, np.inf)
+    computed_at = np.full(n, -1)
+    order = np.empty(k, np.int64)
+    for t in range(k):
+        while True:
+            j = np.argmax(bound)
+            if computed_at[j] == t:
+                break
+            row = sim[j]
+            gain = 0.0
+            for x in range(n):
+                if row[x] > cover[x]:
+                    gain += row[x] - cover[x]
+            bound[j] = gain - redundancy * overlap[j]
+            computed_at[j] = t
+        order[t] = j
+        bound[j] = -np.inf
+        row = sim[j]
+        for x in range(n):
+            cover[x] = max(cover[x], row[x])
+            overlap[x] += row[x]
+    return order
+
+
+def select_coverage(sim, k, *, redundancy: float = 0.0) -> Selection:
+    """Choose ``k`` images that cover the pool: greedy facility location on a similarity matrix.
+
+    Maximises ``F(S) = Σ_{x in pool} max_{s∈S} sim[x, s] − redundancy · Σ_{i<j∈S} sim[i, j]``
+    (every pool image close to a chosen one; ``redundancy > 0`` also penalises chosen pairs
+    that are alike). Greedy is within ``1 − 1/e`` of the optimum for ``redundancy = 0``.
+
+    Args:
+      sim: ``(n, n)`` symmetric similarity, entries in ``[0, 1]`` (e.g. ``normalized_mi``).
+      k: subset size, ``2 <= k <= n``.
+      redundancy: weight of the pairwise term, ``>= 0``.
+    Returns ``Selection`` with ``indices`` sorted, ``order`` the greedy pick order and
+    ``objective`` = ``F(S)``. Deterministic. Cost: O(N²) for the first pick, then O(N) per
+    re-evaluated candidate (lazy greedy; typically a few per pick).
+    """
+    sim = check_mi(sim, k, name="sim")
+    if sim.min() < 0 or not redundancy >= 0:
+        raise ValueError(f"sim must be >= 0 (min {sim.min():.3g}) and redundancy >= 0 (got {redundancy!r}); "
+                         "use a similarity such as normalized_mi(mi, 'sqrt')")
+    order = _coverage_greedy(sim, int(k), float(redundancy))
+    value = float(sim[:, order].max(axis=1).sum()) - redundancy * objective(sim, order)
+    return Selection(np.sort(order), value, order=order)
 
 
 # ----------------------------------------------------------------------------- exact oracle
@@ -779,10 +842,12 @@ def kmeans_partitions(images, n_clusters: int, *, size: int = 7, seed=0, iterati
     if not 1 <= n_clusters <= len(x):
         raise ValueError(f"n_clusters={n_clusters} must lie in 1..{len(x)} (the number of images)")
     rng = np.random.default_rng(seed)
-    centres = x[[int(rng.integers(len(x)))]]
-    for _ in range(1, n_clusters):  # k-means++: far points are likelier centres
-        d2 = np.maximum(_sqdist(x, centres).min(1), 0)
-        centres = np.vstack([centres, x[rng.choice(len(x), p=d2 / d2.sum()) if d2.sum() > 0 else int(rng.integers(len(x)))]])
+    centres = np.empty((n_clusters, x.shape[1]), dtype=x.dtype)
+    centres[0] = x[int(rng.integers(len(x)))]
+    d2 = np.full(len(x), np.inf, dtype=x.dtype)
+    for c in range(1, n_clusters):  # k-means++: far points are likelier centres
+        d2 = np.minimum(d2, np.maximum(_sqdist(x, centres[c - 1:c])[:, 0], 0))  # O(N) per centre
+        centres[c] = x[rng.choice(len(x), p=d2 / d2.sum()) if d2.sum() > 0 else int(rng.integers(len(x)))]
     labels = None
     for _ in range(iterations):
         new = _sqdist(x, centres).argmin(1)

@@ -527,7 +527,12 @@ def attack_stage(pool: DecodedPool, result: dict, out: str, args, *, test=None) 
         target = BlackBoxTarget.options(max_restarts=3, max_task_retries=0).remote(
             args.target, budget=len(images), audit_path=audit)
         t = time.perf_counter()
-        answers, lost = query_target(target, images, client="drmi-imagenet")
+        # a seeded shuffle, not the selection's index order (an ImageFolder pool is stored by class)
+        from drmi_ray.baselines import seeded_shuffle
+
+        order = seeded_shuffle(np.arange(len(images)), args.seed)
+        answers = np.empty(len(images), dtype=np.int64)
+        answers[order], lost = query_target(target, images[order], client="drmi-imagenet")
         queries = _queries_used(target)
         ray.kill(target)
         timings["queries"] = time.perf_counter() - t

@@ -11,7 +11,8 @@ import pytest
 
 from drmi_ray import baselines
 from drmi_ray.baselines import (METHODS, acquire, correlation_matrix, farthest_traces,
-                                jbda_step, kcenter_indices, margin_order, seed_size)
+                                jbda_step, kcenter_indices, margin_order, normalized_mi,
+                                seed_size, seeded_shuffle)
 from drmi_ray.models import TrainConfig, predict, predict_proba, train_classifier
 
 BUDGET = 30
@@ -101,9 +102,40 @@ def test_drmi_and_cmal_use_the_optimizer_on_their_matrix(runs, world, mi):
     from drmi_ray.optimize import select
 
     pool = world[1]
-    np.testing.assert_array_equal(runs["drmi", "a"][0].indices, select(mi, BUDGET, seed=0).indices)
+    # the optimizer picks a set: it is queried in a seeded shuffle, not in index order
+    expected_drmi = seeded_shuffle(select(mi, BUDGET, seed=0).indices, 0)
+    np.testing.assert_array_equal(runs["drmi", "a"][0].indices, expected_drmi)
+    assert not np.array_equal(expected_drmi, np.sort(expected_drmi))
     np.testing.assert_array_equal(runs["cmal", "a"][0].indices,
-                                  select(correlation_matrix(pool), BUDGET, seed=0).indices)
+                                  seeded_shuffle(select(correlation_matrix(pool), BUDGET, seed=0).indices, 0))
+
+
+def test_coverage_methods_query_the_greedy_pick_order_of_their_objective(runs, mi):
+    from drmi_ray.optimize import select_coverage
+
+    nmi = normalized_mi(mi, "sqrt")
+    np.testing.assert_array_equal(runs["drmi-cover", "a"][0].indices, select_coverage(nmi, BUDGET).order)
+    mix = select_coverage(nmi, BUDGET, redundancy=baselines.MIX_REDUNDANCY)
+    np.testing.assert_array_equal(runs["drmi-mix", "a"][0].indices, mix.order)
+    assert not np.array_equal(mix.order, select_coverage(nmi, BUDGET).order)  # the penalty changes picks
+
+
+def test_drmi_typical_takes_the_most_typical_image_of_each_kmeans_cluster(runs, world, mi):
+    from drmi_ray.optimize import kmeans_partitions
+
+    pool = world[1]
+    nmi = normalized_mi(mi, "sqrt")
+    got = runs["drmi-typical", "a"][0].indices
+    clusters = kmeans_partitions(pool, BUDGET, seed=0)
+    filled = np.unique(clusters)
+    first = got[: len(filled)]  # one per cluster, larger clusters first
+    assert sorted(clusters[first].tolist()) == filled.tolist()
+    sizes = np.bincount(clusters)[clusters[first]]
+    assert (np.diff(sizes) <= 0).all()
+    for i in first:
+        members = np.flatnonzero(clusters == clusters[i])
+        typicality = nmi[np.ix_(members, members)].sum(axis=1) - 1.0  # the diagonal is 1
+        assert typicality[members == i][0] == pytest.approx(typicality.max(), abs=1e-12)
 
 
 def test_cmal_matrix_is_abs_corrcoef(world):
@@ -200,7 +232,7 @@ def test_trace_picks_are_the_farthest_traces_of_its_first_substitute(runs, world
     s = seed_size(BUDGET)
     first = train_classifier(pool[got.indices[:s]], got.labels[:s], dataclasses.replace(FAST, seed=0))
     traces = baselines.activation_traces(first, pool)
-    expected = np.sort(farthest_traces(traces, got.indices[:s], BUDGET - s))
+    expected = farthest_traces(traces, got.indices[:s], BUDGET - s)  # in pick order
     np.testing.assert_array_equal(got.indices[s:], expected)
 
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from drmi_ray.data import (image_folder_pool, load_pool, parquet_pool,
+from drmi_ray.data import (bundled_mnist, image_folder_pool, load_pool, parquet_pool,
                            split_indices)
 
 
@@ -30,6 +30,16 @@ def test_splits_are_disjoint_and_deterministic():
         split_indices(5000, target_train=2000, pool=2000, test=1001)
     with pytest.raises(ValueError, match="at least one image"):
         split_indices(10, target_train=0, pool=5, test=5)
+
+
+def test_bundled_protocol_pool_is_in_random_order_not_class_order():
+    # The bundled digits are stored sorted by label: a sorted split would make every method's
+    # query stream reach the target class by class.
+    _, labels = bundled_mnist()
+    assert (np.diff(labels) == 0).mean() > 0.99  # the file's own order is by class
+    pool_labels = labels[split_indices(5000, target_train=2000, pool=2000, test=1000, seed=0).pool]
+    assert len(np.unique(pool_labels[:50])) == 10
+    assert (np.diff(pool_labels) == 0).mean() < 0.15  # about 1 in 10 neighbours share a class
 
 
 def write_folder(root, digits, n=12, corrupt=True):

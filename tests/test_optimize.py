@@ -172,3 +172,57 @@ def test_issue_goal_on_100_small_instances():
     """>= 95% exact and never > 1% above the optimum on random N=30, K=8 instances."""
     gaps = np.array([select(mi_like(30, seed=5000 + t), 8, seed=t).objective / exact_select(mi_like(30, seed=5000 + t), 8).objective - 1 for t in range(100)])
     assert (gaps <= 1e-9).mean() >= 0.95 and gaps.max() <= 0.01, gaps
+
+
+# ----------------------------------------------------------------------------- coverage
+
+
+def coverage_value(sim, chosen, redundancy=0.0):
+    return sim[:, chosen].max(axis=1).sum() - redundancy * opt.objective(sim, chosen)
+
+
+def plain_greedy(sim, k, redundancy=0.0):
+    """The textbook greedy, one full evaluation of every candidate per pick."""
+    chosen = []
+    for _ in range(k):
+        gains = [coverage_value(sim, chosen + [j], redundancy) if j not in chosen else -np.inf
+                 for j in range(len(sim))]
+        chosen.append(int(np.argmax(gains)))
+    return chosen
+
+
+def digit_nmi(digits, n, start=0):
+    from drmi_ray.baselines import normalized_mi
+    from drmi_ray.mi import pairwise_mi
+
+    return normalized_mi(pairwise_mi(digits[0][start:start + n]), "sqrt")
+
+
+@pytest.mark.parametrize("redundancy", [0.0, 0.1, 1.0])
+def test_coverage_lazy_greedy_picks_what_the_plain_greedy_picks(digits, redundancy):
+    sim = digit_nmi(digits, 60)
+    sel = opt.select_coverage(sim, 12, redundancy=redundancy)
+    assert sel.order.tolist() == plain_greedy(sim, 12, redundancy)
+    np.testing.assert_array_equal(sel.indices, np.sort(sel.order))
+    assert sel.objective == pytest.approx(coverage_value(sim, sel.order, redundancy), rel=1e-12)
+
+
+def test_coverage_greedy_is_within_its_guarantee_of_the_exact_optimum(digits):
+    import itertools
+
+    ratios = []
+    for t in range(10):
+        sim = digit_nmi(digits, 12, start=40 * t) ** 4  # sharpened: optimum and greedy differ more
+        best = max(coverage_value(sim, list(c)) for c in itertools.combinations(range(12), 4))
+        ratios.append(opt.select_coverage(sim, 4).objective / best)
+    assert min(ratios) >= 1 - 1 / np.e and max(ratios) <= 1 + 1e-12, ratios
+
+
+def test_coverage_refuses_negative_similarities_and_bad_k():
+    sim = np.array([[1.0, -0.2, 0.1], [-0.2, 1.0, 0.3], [0.1, 0.3, 1.0]])
+    with pytest.raises(ValueError, match="sim must be >= 0"):
+        opt.select_coverage(sim, 2)
+    with pytest.raises(ValueError, match="exceeds the pool size"):
+        opt.select_coverage(np.abs(sim), 4)
+    with pytest.raises(ValueError, match="redundancy >= 0"):
+        opt.select_coverage(np.abs(sim), 2, redundancy=-1.0)
