@@ -1,6 +1,6 @@
 """Does the selection beat random? Methods x budgets x seeds on the bundled protocol, with CIs.
 
-    python benchmarks/efficacy.py                       # the full grid (about 40 min on 2 cores)
+    python benchmarks/efficacy.py                       # the full grid (about an hour on 2 cores)
     python benchmarks/efficacy.py --split 1000,3500,500 --methods random,drmi-typical,drmi
     python benchmarks/efficacy.py --from runs/efficacy-...   # re-print the tables of a finished run
 
@@ -113,17 +113,25 @@ def plot(rows, path):
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     budgets = sorted({r["budget"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("accuracy", "transfer_rate")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    panels = [("accuracy", False), ("transfer_rate", False), ("accuracy", True)]
+    for ax, (metric, vs_random) in zip(axes, panels):
         for i, m in enumerate(methods):
-            stats = [mean_ci([r[metric] for r in rows if r["method"] == m and r["budget"] == b]) for b in budgets]
+            if vs_random:
+                stats = [paired(rows, m, b, metric) if m != "random" else (0.0, 0.0) for b in budgets]
+            else:
+                stats = [mean_ci([r[metric] for r in rows if r["method"] == m and r["budget"] == b]) for b in budgets]
             x = np.array(budgets) * (1 + 0.015 * (i - len(methods) / 2))  # spread the error bars
             ax.errorbar(x, [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], marker="o",
                         capsize=3, label=m)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_xlabel("queries")
-        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+        label = metric.replace("_", " ")
+        ax.set_ylabel(f"{label}: method − random (points)" if vs_random else f"{label} (%)")
+        if vs_random:
+            ax.axhline(0, color="black", lw=0.8)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("mean ± 95% CI over seeds")

@@ -41,7 +41,8 @@ TOL = 1e-9  # a swap must lower f by more than this; g carries ~1e-12 rounding a
 
 @dataclass
 class Selection:
-    """``indices``: sorted int64 ``(k,)``; ``objective``: ``Σ_{i<j∈S} mi[i, j]``.
+    """``indices``: sorted int64 ``(k,)``; ``objective``: ``Σ_{i<j∈S} mi[i, j]`` (for
+    ``select_coverage``: its coverage objective ``F(S)``).
 
     ``history`` lists ``(seconds, best objective)`` each time the search improved (for benchmarks);
     ``iterations`` counts the perturbation rounds run; ``order`` is the pick order of a greedy
