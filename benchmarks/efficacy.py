@@ -16,8 +16,8 @@ local mode, PGD transfer) for every method, budget and seed, then prints per met
 
 and whether each method meets the default rule of issue 11: paired accuracy CI above 0 at 50,
 100 and 200 queries and not wholly below 0 at 400 and 600. It writes the run folder (results,
-report, config) and ``efficacy.png`` (accuracy and transfer rate against budget, error bars =
-95% CI). Seeds are 0..N-1; the methods were tuned on other seeds (100-109), so these are fresh.
+report, config) and ``efficacy.png`` (accuracy, transfer rate and the paired accuracy margin
+over random against budget, error bars = 95% CI). Seeds are 0..N-1; the methods were tuned on other seeds (100-109), so these are fresh.
 ``--split T,P,S`` sets the target's training set, the attacker's pool and the test split (of
 the 5,000 bundled digits): a larger pool against the same budgets is where selection should
 matter more.
