@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 
@@ -80,46 +79,78 @@ def build_config(args):
 
 
 def reduce_parser(sub) -> None:
-    p = sub.add_parser("reduce", help="pool URL -> the K least redundant images (selection.json)")
-    p.add_argument("pool", help="bundled-mnist, mnist:ROOT, cifar10:ROOT, an ImageFolder tree or Parquet shards URL")
-    p.add_argument("--budget", "-k", type=int, required=True, help="how many images to select (K)")
-    p.add_argument("--out", help="output folder (path or fsspec URL); default: a new folder under runs/")
-    p.add_argument("--size", type=int, help="resize image files to SIZE x SIZE before MI")
-    p.add_argument("--rgb", action="store_true", help="decode image files as RGB (default: greyscale)")
-    p.add_argument("--bins", type=int, default=256)
-    p.add_argument("--color", choices=("flatten", "luminance"), default="flatten")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable image files (listed in selection.json)")
-    p.add_argument("--address", help="Ray cluster address")
+    from drmi_ray.config import ReduceConfig
+
+    d = ReduceConfig()
+    p = sub.add_parser("reduce", help="pool -> the K least redundant images (selection.json); optionally attack with them",
+                       description="One pipeline behind `drmi reduce`, jobs/imagenet.py and jobs/cifar10.py "
+                                   "(see drmi_ray/reduce.py and the README's selection.json section).")
+    p.add_argument("--data", required=True,
+                   help="the pool: an ImageFolder tree or Parquet shards (path or fsspec URL), bundled-mnist, "
+                        "mnist:ROOT or cifar10:ROOT")
+    p.add_argument("--budget", "-k", type=int, required=True, help="K, the number of images to select")
+    p.add_argument("--out", help="run folder (path or fsspec URL); default: a new folder under runs/")
+    p.add_argument("--size", type=int, help="decode image files to SIZE x SIZE (default: their own size, all equal)")
+    p.add_argument("--rgb", action="store_true", help="decode image files as RGB (default grey)")
+    p.add_argument("--pool-size", type=int, help="use a seeded random subset of this many pool images")
+    p.add_argument("--download", action="store_true", help="let torchvision download mnist:/cifar10: data into ROOT")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"skip (and list) image files above this many pixels (default {d.max_pixels:,})")
+    p.add_argument("--batch-files", type=int, default=d.batch_files, help=f"files per decode unit (default {d.batch_files})")
+    p.add_argument("--partition", choices=("kmeans", "label", "none"), default=d.partition,
+                   help="MI and selection per k-means cluster of the images (default; label-free), per class "
+                        "using the pool's own labels (class folders / 'label' column: only if you want labels "
+                        "used), or one global matrix")
+    p.add_argument("--clusters", type=int, help="k-means clusters (default: one per 1,300 images)")
+    p.add_argument("--bins", type=int, default=d.mi.bins, help=f"MI grey levels (default {d.mi.bins})")
+    p.add_argument("--color", choices=("flatten", "luminance"), default=d.mi.color)
+    p.add_argument("--tile-size", type=int, default=d.tile_size,
+                   help=f"MI tile side (default {d.tile_size}: one tile per ImageNet class)")
+    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight,
+                   help=f"MI tiles in flight per partition (default {d.max_in_flight})")
+    p.add_argument("--gpus-per-tile", type=float, default=d.gpus_per_tile, help="GPUs each MI tile task asks for (default 0: CPU)")
+    p.add_argument("--parallel-partitions", type=int, default=d.parallel_partitions,
+                   help=f"partitions whose MI is computed at once (default {d.parallel_partitions})")
+    p.add_argument("--dense-max", type=int, default=d.dense_max,
+                   help=f"partitions up to this size select on a dense matrix; larger ones use Ray actors (default {d.dense_max})")
+    p.add_argument("--num-actors", type=int, default=d.num_actors, help="optimizer actors for partitions above --dense-max")
+    p.add_argument("--store-dtype", choices=("float64", "float32"), default=d.store_dtype,
+                   help="MI tile store values (float32 halves the storage; default float64, exact)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    a = p.add_argument_group("optional attack with the selection")
+    a.add_argument("--target", help="a target checkpoint: query it with the selection, fit a substitute, attack")
+    a.add_argument("--test", help="the referee's labelled held-out ImageFolder/Parquet (default: the source's test "
+                                  "split for mnist:/cifar10:, else unselected labelled pool images)")
+    a.add_argument("--test-size", type=int, default=d.test_size, help=f"referee's held-out images (default {d.test_size})")
+    a.add_argument("--substitute", default=d.substitute.model,
+                   help="substitute architecture (resnet18, resnet152, inception_v3, or lenet5/c3f2/dnn5); random init")
+    a.add_argument("--epochs", type=int, default=d.substitute.epochs)
+    a.add_argument("--min-steps", type=int, default=d.substitute.min_steps)
+    a.add_argument("--train-batch", type=int, default=d.substitute.batch_size)
+    a.add_argument("--substitute-workers", type=int, default=d.substitute_workers,
+                   help="Ray Train workers for the substitute (default 1; 0 = Train's local mode)")
+    a.add_argument("--substitute-gpu", action="store_true", help="train the substitute on GPUs")
+    a.add_argument("--eps", type=float, default=d.attack.eps, help=f"PGD L-inf radius (default {d.attack.eps})")
+    a.add_argument("--pgd-steps", type=int, default=d.attack.steps, help=f"PGD steps (default {d.attack.steps})")
+    p.add_argument("--address", help="Ray address (default: the `ray job submit` cluster, else a local Ray)")
 
 
-def reduce(args) -> str:
-    import ray
+def reduce_config(args):
+    from drmi_ray.attack import AttackConfig
+    from drmi_ray.config import MIConfig, ReduceConfig
+    from drmi_ray.models import TrainConfig
 
-    from drmi_ray import report
-    from drmi_ray.data import load_pool
-    from drmi_ray.matrix import compute_mi_matrix
-    from drmi_ray.optimize import select
-
-    out = (args.out or report.new_run_folder("reduce")).rstrip("/")
-    pool = load_pool(args.pool, size=args.size, mode="RGB" if args.rgb else "L",
-                     on_error="skip" if args.skip_bad else "raise")
-    if not 2 <= args.budget <= len(pool):
-        raise ValueError(f"budget {args.budget} must be between 2 and the pool size ({len(pool)} images); change --budget")
-    if args.address:
-        ray.init(address=args.address)
-    elif not ray.is_initialized():
-        ray.init()
-    store = compute_mi_matrix(pool.images, f"{out}/mi", bins=args.bins, color=args.color)
-    selection = select(store.to_dense(), args.budget, seed=args.seed)
-    result = {
-        "pool": args.pool, "budget": args.budget, "objective": selection.objective,
-        "indices": selection.indices.tolist(),
-        "selected": [pool.paths[i] for i in selection.indices] if pool.paths else [],
-        "skipped": pool.skipped,
-    }
-    report.write_text(f"{out}/selection.json", json.dumps(result, indent=1))
-    return out
+    return ReduceConfig(
+        data=args.data, budget=args.budget, size=args.size, rgb=args.rgb, pool_size=args.pool_size,
+        download=args.download, max_pixels=args.max_pixels, batch_files=args.batch_files, partition=args.partition,
+        clusters=args.clusters, mi=MIConfig(bins=args.bins, color=args.color), tile_size=args.tile_size,
+        max_in_flight=args.max_in_flight, gpus_per_tile=args.gpus_per_tile, store_dtype=args.store_dtype,
+        parallel_partitions=args.parallel_partitions, dense_max=args.dense_max, num_actors=args.num_actors,
+        seed=args.seed, target=args.target, test=args.test, test_size=args.test_size,
+        substitute=TrainConfig(model=args.substitute, epochs=args.epochs, min_steps=args.min_steps,
+                               batch_size=args.train_batch),
+        attack=AttackConfig(eps=args.eps, steps=args.pgd_steps),
+        substitute_workers=args.substitute_workers, substitute_gpu=args.substitute_gpu)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             run_experiment(config, out)
             print(f"[drmi] wrote {out}/report.md (results.json, results.csv, results.png)")
         else:
-            out = reduce(args)
-            print(f"[drmi] wrote {out}/selection.json")
+            from drmi_ray import report
+            from drmi_ray.reduce import run_reduce
+
+            config = reduce_config(args)
+            run_reduce(config, args.out or report.new_run_folder("reduce"), address=args.address)
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"drmi {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 
 from drmi_ray.attack import AttackConfig
+from drmi_ray.data import MAX_PIXELS
 from drmi_ray.models import TrainConfig
 
 
@@ -125,3 +126,41 @@ def quick(config: ExperimentConfig) -> ExperimentConfig:
     config.pool = dataclasses.replace(config.pool, pool=600, test=500)
     config.selection = dataclasses.replace(config.selection, budgets=(50, 200))
     return config
+
+
+@dataclass
+class ReduceConfig:
+    """``drmi reduce`` / ``jobs/imagenet.py`` / ``jobs/cifar10.py``: pool -> the K least redundant
+    images (``selection.json``), and optionally query/fit/attack with them (``target`` set)."""
+
+    data: str = "bundled-mnist"  # see drmi_ray.data.load_pool: a name or an ImageFolder / Parquet URL
+    budget: int = 100  # K, the images selected (and queried, with a target)
+    size: int | None = None  # decode image files to size x size (None: their own size, all equal)
+    rgb: bool = False  # decode image files as RGB (default grey)
+    pool_size: int | None = None  # a seeded random subset of this many images
+    download: bool = False  # torchvision sources: download into ROOT
+    max_pixels: int = MAX_PIXELS  # larger image files are skipped (decompression bombs)
+    batch_files: int = 512  # files per decode unit
+    partition: str = "kmeans"  # "kmeans" (label-free), "label" (the pool's own labels) or "none"
+    clusters: int | None = None  # k-means clusters (default one per IMAGES_PER_CLUSTER images)
+    mi: MIConfig = field(default_factory=MIConfig)
+    tile_size: int = 1300  # MI tile side: about one ImageNet class per tile
+    max_in_flight: int = 16  # MI tiles in flight per partition
+    gpus_per_tile: float = 0.0  # GPUs each MI tile task asks for (0: the CPU kernel)
+    store_dtype: str = "float64"  # MI tile store values ("float32" halves the storage)
+    parallel_partitions: int = 4  # partitions whose MI is computed at once
+    dense_max: int = 20000  # larger partitions are searched by Ray actors reading the tile store
+    num_actors: int = 4  # optimizer actors for a partition above dense_max
+    seed: int = 0
+    # the optional attack with the selection
+    target: str | None = None  # a target checkpoint: query it with the selection
+    test: str | None = None  # the referee's labelled held-out pool (default: unselected pool images)
+    test_size: int = 500
+    substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="resnet18", epochs=10, min_steps=100,
+                                                                       batch_size=64))
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    substitute_workers: int = 1  # Ray Train workers for the substitute; 0 = Train's local mode
+    substitute_gpu: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

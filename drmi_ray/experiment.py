@@ -130,6 +130,33 @@ def gather(refs: list, what: str) -> list:
     return ray.get(refs)
 
 
+def fit_and_score(jobs, checkpoint, test_images, test_labels, target_labels, config, *,
+                  storage_path: str | None = None) -> list[dict]:
+    """The tail every run shares (``drmi run`` and ``reduce``): fit one substitute per job
+    ``(images, the target's answers, TrainConfig)`` with Ray Train, then referee each: accuracy,
+    fidelity and the PGD transfer rate against the target checkpoint.
+
+    ``config``: an ExperimentConfig or ReduceConfig (``substitute_workers``, ``substitute_gpu``,
+    ``attack``). ``storage_path``: where Ray Train keeps the runs and their weight checkpoints.
+    Returns one ``{accuracy, fidelity, transfer_rate, n}`` per job, in order.
+    """
+    substitutes = fit_substitutes(jobs, num_workers=config.substitute_workers, use_gpu=config.substitute_gpu,
+                                  storage_path=storage_path)
+    refs = [ray.put(x) for x in (test_images, test_labels, target_labels)]
+    return gather([evaluate_cell.remote(checkpoint, s, *refs, config.attack) for s in substitutes], "evaluated")
+
+
+def read_json(url: str):
+    """A JSON file's content, or None when it is missing or unreadable."""
+    import json
+
+    try:
+        with fsspec.open(url, "r") as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def acquire_all(cells, config, checkpoint, pool_ref, mi_ref, audit_dir):
     """Run every cell's acquisition, a bounded window of target actors at a time.
 
@@ -197,13 +224,10 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
     with timings.stage("selection and queries"):
         acquired = acquire_all(cells, config, checkpoint, ray.put(data.pool), ray.put(mi), os.path.join(work, "audit"))
 
-    with timings.stage("substitute training"):
+    with timings.stage("substitute training, evaluation and PGD transfer"):
         jobs = [(acquired[c][0], acquired[c][1], dataclasses.replace(config.substitute, seed=c[2])) for c in cells]
-        substitutes = fit_substitutes(jobs, num_workers=config.substitute_workers, use_gpu=config.substitute_gpu)
-
-    with timings.stage("evaluation and PGD transfer"):
-        refs = [ray.put(x) for x in (data.test_images, data.test_labels, target_labels)]
-        scores = gather([evaluate_cell.remote(checkpoint, s, *refs, config.attack) for s in substitutes], "evaluated")
+        scores = fit_and_score(jobs, checkpoint, data.test_images, data.test_labels, target_labels, config,
+                               storage_path=os.path.join(work, "train"))
 
     rows = []
     for cell, sc in zip(cells, scores):

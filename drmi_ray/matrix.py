@@ -149,14 +149,8 @@ def compute_mi_matrix(images, store_url: str, *, bins: int = LEVELS, color: str 
         raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
     codes = to_codes(images, bins=bins, color=color, name="images")
     n = len(codes)
-    manifest = {
-        "format": FORMAT, "version": VERSION, "n": n, "image_shape": list(np.shape(images)[1:]),
-        "pool_sha256": pool_fingerprint(images), "bins": int(bins), "color": color,
-        "tile_size": int(tile_size), "dtype": dtype, "positions": int(codes.shape[1]),
-        "layout": "tiles/tile-IIIII-JJJJJ.parquet, I <= J, column 'mi' = (rows, cols) block row-major",
-    }
     fs, root = fsspec.core.url_to_fs(store_url)
-    _open_or_create(fs, root, store_url, manifest)
+    _open_or_create(fs, root, store_url, _manifest(images, codes, bins, color, tile_size, dtype))
 
     if not ray.is_initialized():
         ray.init()
@@ -199,6 +193,36 @@ def compute_mi_matrix(images, store_url: str, *, bins: int = LEVELS, color: str 
     store.stats = {"tiles_computed": len(computed), "tiles_skipped": len(done), "pairs": total,
                    "seconds": time.perf_counter() - start}
     return store
+
+
+def _manifest(images, codes, bins, color, tile_size, dtype) -> dict:
+    return {
+        "format": FORMAT, "version": VERSION, "n": len(codes), "image_shape": list(np.shape(images)[1:]),
+        "pool_sha256": pool_fingerprint(images), "bins": int(bins), "color": color,
+        "tile_size": int(tile_size), "dtype": dtype, "positions": int(codes.shape[1]),
+        "layout": "tiles/tile-IIIII-JJJJJ.parquet, I <= J, column 'mi' = (rows, cols) block row-major",
+    }
+
+
+def compute_small_stores(items, *, bins: int = LEVELS, color: str = "flatten", tile_size: int = DEFAULT_TILE_SIZE,
+                         dtype: str = "float64", device=None) -> list[int]:
+    """Many small matrices in one call (one Ray task runs it for a bundle of small partitions, so
+    their per-task cost is paid once): each ``(images, store_url)`` with at most ``tile_size``
+    images gets its one-tile store, the same store ``compute_mi_matrix`` writes (and resumes).
+    Returns the pairs computed for each item (0 where its tile was already there)."""
+    computed = []
+    for images, url in items:
+        codes = to_codes(images, bins=bins, color=color, name="images")
+        if len(codes) > tile_size:
+            raise ValueError(f"{url}: {len(codes)} images do not fit one tile of {tile_size}; use compute_mi_matrix")
+        fs, root = fsspec.core.url_to_fs(url)
+        _open_or_create(fs, root, url, _manifest(images, codes, bins, color, tile_size, dtype))
+        if fs.exists(_tile_path(root, 0, 0)):
+            computed.append(0)
+            continue
+        write_tile(fs, root, 0, 0, compute_tile(codes, entropy_sums(codes, bins), 0, 0, tile_size, bins, device), dtype)
+        computed.append(tile_pairs(len(codes), tile_size, 0, 0))
+    return computed
 
 
 def _open_or_create(fs, root, url, manifest):

@@ -316,9 +316,8 @@ def test_target_replica_killed_mid_run_never_spends_twice(cluster, pool, target_
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from drmi_ray.reduce import query_target
     from drmi_ray.target import BlackBoxTarget, QueryBudgetExceeded, TargetService
-
-    imagenet = load_imagenet_job()
 
     ensure_workers(cluster)
     node = worker_nodes(cluster)[0]
@@ -341,7 +340,7 @@ def test_target_replica_killed_mid_run_never_spends_twice(cluster, pool, target_
 
     killer = threading.Thread(target=crash)
     killer.start()
-    labels, lost = imagenet.query_target(target, images, batch=batch)
+    labels, lost = query_target(target, images, batch=batch)
     killer.join()
     assert killed
 
@@ -368,17 +367,6 @@ def test_target_replica_killed_mid_run_never_spends_twice(cluster, pool, target_
     with pytest.raises(QueryBudgetExceeded):
         replica.query(images[:1])
     assert replica.queries_used() == budget
-
-
-def load_imagenet_job():
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("imagenet", os.path.join(ROOT, "jobs", "imagenet.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["imagenet"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _records(path):

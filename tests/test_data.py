@@ -6,8 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from drmi_ray.data import (bundled_mnist, image_folder_pool, load_pool, parquet_pool,
-                           split_indices)
+from drmi_ray.data import bundled_mnist, load_pool, split_indices
 
 
 def test_bundled_mnist_is_real_digits(digits):
@@ -53,22 +52,22 @@ def write_folder(root, digits, n=12, corrupt=True):
     return root
 
 
-def test_image_folder_reads_real_pngs_and_names_the_corrupt_file(tmp_path, digits):
+def test_image_folder_reads_real_pngs_and_names_the_corrupt_file(ray_local, tmp_path, digits):
     root = write_folder(tmp_path / "tree", digits)
     with pytest.raises(ValueError, match=r"broken\.png.*on_error='skip'"):
-        image_folder_pool(str(root))
-    pool = image_folder_pool(str(root), on_error="skip")
+        load_pool(str(root))
+    pool = load_pool(str(root), on_error="skip")
     assert len(pool) == 12 and len(pool.skipped) == 1 and pool.skipped[0]["path"].endswith("broken.png")
     first = [p.endswith("img000.png") for p in pool.paths].index(True)
     assert np.array_equal(pool.images[first], digits[0][0])  # PNG is lossless: pixels survive exactly
     assert pool.classes[pool.labels[first]] == f"class{digits[1][0]}"
-    resized = image_folder_pool(str(root), size=14, on_error="skip")
+    resized = load_pool(str(root), size=14, on_error="skip")
     assert resized.images.shape == (12, 14, 14)
     # the same tree through an fsspec URL
     assert len(load_pool(f"file://{root}", on_error="skip")) == 12
 
 
-def test_parquet_shards(tmp_path, digits):
+def test_parquet_shards(ray_local, tmp_path, digits):
     import io
 
     def png(a):
@@ -89,8 +88,8 @@ def test_parquet_shards(tmp_path, digits):
     assert np.array_equal(pool.labels, labels[np.arange(10) * 300])
     pq.write_table(pa.table({"image": [b"junk"], "label": [1]}), tmp_path / "shards" / "part-2.parquet")
     with pytest.raises(ValueError, match="part-2.parquet#0"):
-        parquet_pool(str(tmp_path / "shards"))
-    assert len(parquet_pool(str(tmp_path / "shards"), on_error="skip").skipped) == 1
+        load_pool(str(tmp_path / "shards"))
+    assert len(load_pool(str(tmp_path / "shards"), on_error="skip").skipped) == 1
 
 
 def write_idx(path, array):

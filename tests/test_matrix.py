@@ -143,3 +143,18 @@ def test_bad_requests(ray_local, digits, tmp_path):
     store = compute_mi_matrix(digits[0][:4], str(tmp_path / "ok"), progress=False)
     with pytest.raises(IndexError, match=r"0\.\.3"):
         store.read_rows([4])
+
+
+def test_small_stores_in_one_call_are_the_stores_compute_mi_matrix_writes(ray_local, digits, tmp_path):
+    from drmi_ray.matrix import compute_small_stores
+
+    images, other = digits[0][:30], digits[0][30:50]
+    whole = compute_mi_matrix(images, str(tmp_path / "a"), tile_size=32, progress=False)
+    b, c = str(tmp_path / "b"), str(tmp_path / "c")
+    assert compute_small_stores([(images, b), (other, c)], tile_size=32) == [30 * 29 // 2, 20 * 19 // 2]
+    np.testing.assert_array_equal(TileStore(b).to_dense(), whole.to_dense())
+    assert TileStore(b).manifest == whole.manifest
+    np.testing.assert_array_equal(TileStore(c).to_dense(), pairwise_mi(other))
+    assert compute_small_stores([(images, b)], tile_size=32) == [0]  # already there: nothing recomputed
+    with pytest.raises(ValueError, match="do not fit one tile of 32"):
+        compute_small_stores([(digits[0][:40], str(tmp_path / "d"))], tile_size=32)

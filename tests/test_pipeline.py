@@ -74,7 +74,7 @@ def test_drmi_reduce_on_an_image_folder(tmp_path, digits, ray_local):
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(images[i * 100]).save(folder / f"{i:02d}.png")
     out = tmp_path / "reduced"
-    assert main(["reduce", str(tmp_path / "pool"), "--budget", "8", "--out", str(out)]) == 0
+    assert main(["reduce", "--data", str(tmp_path / "pool"), "--budget", "8", "--out", str(out), "--partition", "none"]) == 0
     result = json.loads((out / "selection.json").read_text())
     assert len(result["selected"]) == 8 and result["skipped"] == []
     # the same selection as select() on the MI of the decoded pool, in path order
@@ -82,4 +82,4 @@ def test_drmi_reduce_on_an_image_folder(tmp_path, digits, ray_local):
     expected = select(pairwise_mi(images[[i * 100 for i in order]]), 8, seed=0)
     assert result["indices"] == expected.indices.tolist()
     assert abs(result["objective"] - expected.objective) < 1e-9
-    assert main(["reduce", str(tmp_path / "pool"), "--budget", "41", "--out", str(tmp_path / "x")]) == 2
+    assert main(["reduce", "--data", str(tmp_path / "pool"), "--budget", "41", "--out", str(tmp_path / "x")]) == 2

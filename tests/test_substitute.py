@@ -1,12 +1,14 @@
 """Substitutes fitted with Ray Train (real workers) on a target's labels, and their evaluation."""
 
+import copy
+import os
 import time
 
 import pytest
 import torch
 
 from drmi_ray.models import TrainConfig, predict, train_classifier
-from drmi_ray.substitute import evaluate, fit_substitute, fit_substitutes
+from drmi_ray.substitute import WEIGHTS_FILE, evaluate, fit_substitute, fit_substitutes
 
 
 FAST = TrainConfig(model="lenet5", epochs=10, min_steps=150)
@@ -24,13 +26,28 @@ def world(digits, lenet5_target):
             "target_test": predict(target, images[test])}
 
 
-def test_fit_substitutes_with_real_workers_learn_concurrently(ray_local, world):
-    """Two TorchTrainer runs at once, one real worker each; results come back in job order."""
+def from_checkpoint(folder, like):
+    """A copy of ``like`` with the weights in the checkpoint folder, loaded as a caller would."""
+    model = copy.deepcopy(like)
+    model.load_state_dict(torch.load(os.path.join(folder, WEIGHTS_FILE), map_location="cpu",
+                                     weights_only=True))
+    return model.eval()
+
+
+def test_fit_substitutes_with_real_workers_learn_concurrently(ray_local, world, tmp_path):
+    """Two TorchTrainer runs at once, one real worker each; results come back in job order,
+    each run's checkpoint in its own folder under the storage path."""
     pool, answers = world["pool"], world["answers"]
     jobs = [(pool, answers, FAST),
             (pool[:150], answers[:150], TrainConfig(model="dnn5", epochs=5, min_steps=50))]
-    lenet, dnn = fit_substitutes(jobs, num_workers=1, max_concurrent=2)
+    lenet, dnn = fit_substitutes(jobs, num_workers=1, max_concurrent=2,
+                                 storage_path=str(tmp_path))
     assert (type(lenet).__name__, type(dnn).__name__) == ("LeNet5", "DNN5")
+    assert not lenet.training and next(lenet.parameters()).device.type == "cpu"
+    for model, kind in ((lenet, "lenet5"), (dnn, "dnn5")):
+        (run,) = [r for r in os.listdir(tmp_path) if r.startswith(f"substitute-{kind}-")]
+        saved = from_checkpoint(tmp_path / run / "checkpoint_final", model)
+        assert (predict(saved, world["test_images"]) == predict(model, world["test_images"])).all()
     scores = evaluate(lenet, world["test_images"], world["test_labels"], world["target_test"])
     assert scores["accuracy"] > 0.75, scores  # chance is 0.1
     assert scores["fidelity"] > 0.75, scores
@@ -52,6 +69,25 @@ def test_local_mode_fit_is_the_plain_loop(ray_local, world):
     plain = train_classifier(world["pool"], world["answers"], config)
     for (k, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_weights_come_back_as_a_checkpoint_in_the_run_storage(ray_local, world, tmp_path):
+    """Local mode reports the same kind of checkpoint as real workers, in the run's storage."""
+    storage = tmp_path / "train"
+    model, info = fit_substitute(world["pool"], world["answers"],
+                                 TrainConfig(model="dnn5", epochs=1, min_steps=30),
+                                 num_workers=0, storage_path=str(storage), name="sub",
+                                 return_info=True)
+    assert info["path"] == str(storage / "sub")
+    assert info["checkpoint"] == str(storage / "sub" / "checkpoint_final")
+    assert os.path.isfile(os.path.join(info["checkpoint"], WEIGHTS_FILE))
+    assert not model.training
+    saved = from_checkpoint(info["checkpoint"], model)
+    images = world["test_images"]
+    assert (predict(saved, images) == predict(model, images)).all()
+    with pytest.raises(ValueError, match="storage_path"):
+        fit_substitute(world["pool"][:10], world["answers"][:10], num_workers=0,
+                       storage_path="s3://bucket/train")
 
 
 def test_evaluate_fidelity_is_agreement_with_the_target(world):
@@ -79,10 +115,14 @@ def test_fit_substitute_rejects_bad_inputs(world):
 
 
 @pytest.mark.heavy
-def test_two_ddp_workers_learn(ray_local, world):
+def test_two_ddp_workers_learn(ray_local, world, tmp_path):
     model, info = fit_substitute(world["pool"], world["answers"], FAST, num_workers=2,
-                                 return_info=True)
+                                 storage_path=str(tmp_path), return_info=True)
     assert info["world_size"] == 2
+    assert info["checkpoint"].startswith(str(tmp_path))  # rank 0's, copied into the storage
+    saved = from_checkpoint(info["checkpoint"], model)
+    images = world["test_images"]
+    assert (predict(saved, images) == predict(model, images)).all()
     assert evaluate(model, world["test_images"], world["test_labels"])["accuracy"] > 0.75
 
 

@@ -1,0 +1,534 @@
+"""Reduce: a pool of any size -> the K least redundant images, on Ray; optionally attack with them.
+
+    from drmi_ray.config import ReduceConfig
+    from drmi_ray.reduce import run_reduce
+    result = run_reduce(ReduceConfig(data="s3://bucket/imagenet/train", budget=10000, size=64), "s3://bucket/run")
+
+``drmi reduce``, ``jobs/imagenet.py`` and ``jobs/cifar10.py`` are front ends to ``run_reduce``.
+Stages (each prints progress; a rerun into the same ``out`` resumes the MI stage tile by tile):
+
+1. pool       a named source (``bundled-mnist``, ``mnist:ROOT``, ``cifar10:ROOT``) as arrays, or an
+              ImageFolder tree / Parquet shards on any fsspec URL decoded by Ray Data
+              (``ingest.py``; bad files are skipped and listed).
+2. partition  ``kmeans`` (default, label-free: k-means on 8x8 thumbnails, one cluster per ~1,300
+              images or ``clusters``), ``label`` (the pool's own labels: class folders or the
+              ``label`` column; only when the user asks) or ``none`` (one global matrix). Budgets are
+              proportional to partition size (largest remainder, summing to K).
+3. MI         per partition, ``compute_mi_matrix`` into its own tile store ``{out}/mi/NAME``;
+              ``parallel_partitions`` at once; tiles ask for ``gpus_per_tile`` GPUs.
+4. select     per partition on its dense matrix; a partition above ``dense_max`` images is searched
+              by ``select_distributed``'s actors reading its tile store.
+5. optional (``target`` set): query the target with the selection (budget K, in a seeded shuffle),
+              fit a substitute with Ray Train (its weights come back as a Train checkpoint under
+              ``{out}/train``), score it and attack the target with PGD (``experiment.fit_and_score``,
+              the tail ``drmi run`` uses); ``results.json`` / ``report.md`` in ``out``.
+
+``{out}/selection.json`` (format ``drmi-selection`` version 1; the README documents every field):
+``selected`` (the K image paths), ``indices`` (their rows in the decoded pool), ``skipped``
+([{path, reason}]), ``partitions``, ``objective``, ``settings``, ``seconds`` and ``stats``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import numpy as np
+
+from drmi_ray.config import ReduceConfig
+from drmi_ray.data import Pool
+
+IMAGES_PER_CLUSTER = 1300  # default k-means granularity: about one ImageNet class per cluster
+NAMED_SOURCES = ("bundled-mnist", "mnist:", "mnist-test:", "cifar10:", "cifar10-test:")
+
+
+def log(msg: str) -> None:
+    print(f"[drmi] {msg}", flush=True)
+
+
+def check_config(c: ReduceConfig) -> None:
+    """Refuse settings that cannot run, before any work."""
+    def positive(name, value, allow_none=False):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    positive("budget", c.budget)
+    for name in ("tile_size", "max_in_flight", "parallel_partitions", "dense_max", "num_actors", "batch_files",
+                 "max_pixels", "test_size"):
+        positive(name, getattr(c, name))
+    for name in ("size", "pool_size", "clusters"):
+        positive(name, getattr(c, name), allow_none=True)
+    if c.partition not in ("kmeans", "label", "none"):
+        raise ValueError(f"partition must be kmeans, label or none, got {c.partition!r}")
+    if c.store_dtype not in ("float64", "float32"):
+        raise ValueError(f"store_dtype must be float64 or float32, got {c.store_dtype!r}")
+    if c.gpus_per_tile < 0:
+        raise ValueError(f"gpus_per_tile must be >= 0, got {c.gpus_per_tile}")
+
+
+# --------------------------------------------------------------------------- 1. pool
+
+def load(c: ReduceConfig) -> Pool:
+    """The pool, every image named (``paths``) and with thumbnails for k-means."""
+    from drmi_ray.data import load_pool
+    from drmi_ray.ingest import read_pool, thumbnails
+
+    if c.data.startswith(NAMED_SOURCES):
+        pool = load_pool(c.data, download=c.download)
+        if c.size is not None and pool.images.shape[1] != c.size:
+            raise ValueError(f"{c.data} images are {pool.images.shape[1]} pixels wide; --size applies to image files only")
+        pool.paths = [f"{c.data}#{i}" for i in range(len(pool))]
+    else:
+        pool = read_pool(c.data, size=c.size, mode="RGB" if c.rgb else "L", max_pixels=c.max_pixels,
+                         batch_files=c.batch_files)
+    if c.pool_size is not None:
+        if c.pool_size > len(pool):
+            raise ValueError(f"pool_size {c.pool_size} is larger than the pool ({len(pool)} images); lower it")
+        keep = np.sort(np.random.default_rng(c.seed).choice(len(pool), c.pool_size, replace=False))
+        pool = Pool(pool.images[keep], pool.labels[keep], [pool.paths[i] for i in keep], pool.classes,
+                    pool.skipped, None if pool.thumbs is None else pool.thumbs[keep], pool.stats)
+    if pool.thumbs is None:
+        pool.thumbs = np.concatenate([thumbnails(pool.images[s:s + 8192]) for s in range(0, len(pool), 8192)])
+    return pool
+
+
+# --------------------------------------------------------------------------- 2. partition
+
+@dataclass
+class Partition:
+    key: int  # the partition's key in the keys array handed to select_partitioned
+    name: str  # folder-safe name: its tile store is {out}/mi/NAME
+    members: np.ndarray  # pool indices, ascending
+    budget: int = 0
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60] or "_"
+
+
+def partition_pool(pool: Pool, how: str, *, clusters: int | None = None,
+                   seed: int = 0) -> tuple[np.ndarray, list[Partition]]:
+    """Partition keys (int64 (N,)) and the partitions: by k-means cluster of the thumbnails
+    (``optimize.kmeans_partitions``), by the pool's own labels, or one global partition."""
+    from drmi_ray.ingest import THUMB
+    from drmi_ray.optimize import kmeans_partitions
+
+    n = len(pool)
+    if how == "none":
+        keys = np.zeros(n, dtype=np.int64)
+        names = {0: "all"}
+    elif how == "label":
+        if (pool.labels < 0).all():
+            raise ValueError("--partition label: the pool has no labels (no class folders / no 'label' column); "
+                             "use --partition kmeans or none")
+        keys = pool.labels.copy()
+        names = {k: (pool.classes[k] if 0 <= k < len(pool.classes) else f"label{k}") for k in np.unique(keys)}
+        names[-1] = "unlabeled"  # files directly under the root of an otherwise labelled tree
+    elif how == "kmeans":
+        k = min(clusters or max(1, round(n / IMAGES_PER_CLUSTER)), n)
+        keys = kmeans_partitions(pool.thumbs.reshape(n, THUMB, THUMB), k, seed=seed)
+        names = {c: f"cluster{c}" for c in np.unique(keys)}
+    else:
+        raise ValueError(f"--partition must be kmeans, label or none, got {how!r}")
+    parts = [Partition(int(key), f"{i:04d}-{_safe(names[int(key)])}", np.flatnonzero(keys == key))
+             for i, key in enumerate(np.unique(keys))]
+    return keys, parts
+
+
+# --------------------------------------------------------------------------- 3. MI
+
+def partition_store(pool: Pool, part: Partition, out: str, c: ReduceConfig):
+    """Compute one partition's MI matrix into its own tile store (resumes a partial one)."""
+    from drmi_ray.matrix import compute_mi_matrix
+
+    return compute_mi_matrix(pool.images[part.members], f"{out}/mi/{part.name}", bins=c.mi.bins, color=c.mi.color,
+                             tile_size=c.tile_size, max_in_flight=c.max_in_flight,
+                             num_gpus_per_task=c.gpus_per_tile, dtype=c.store_dtype,
+                             progress=c.parallel_partitions <= 1)
+
+
+def _bundle_task(items, bins, color, tile_size, dtype):
+    """One Ray task: the one-tile stores of a bundle of small partitions."""
+    import numba
+    import ray
+
+    from drmi_ray.matrix import compute_small_stores
+
+    device = None
+    if ray.get_gpu_ids():
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else None
+    numba.set_num_threads(1)
+    return compute_small_stores(items, bins=bins, color=color, tile_size=tile_size, dtype=dtype, device=device)
+
+
+def bundles(parts: list[Partition], tile_size: int, cpus: int) -> list[list[Partition]]:
+    """Small partitions (one tile each) grouped so that every bundle holds about one full tile's
+    pairs (tile_size^2 / 2), or less when that leaves fewer than two bundles per CPU: many small
+    partitions share one task instead of paying its cost each, and every CPU still gets work."""
+    total = sum(len(p.members) * (len(p.members) - 1) // 2 for p in parts)
+    target = max(1, min(tile_size * tile_size // 2, total // (2 * max(cpus, 1))))
+    out, current, pairs = [], [], 0
+    for p in sorted(parts, key=lambda p: -len(p.members)):
+        current.append(p)
+        pairs += len(p.members) * (len(p.members) - 1) // 2
+        if pairs >= target:
+            out.append(current)
+            current, pairs = [], 0
+    return out + ([current] if current else [])
+
+
+def compute_stores(pool: Pool, parts: list[Partition], out: str, c: ReduceConfig) -> tuple[dict[int, str], dict]:
+    """Tile stores of every partition that selection reads (budget >= 1, size >= 2).
+
+    Partitions of at most ``tile_size`` images are computed in bundles, one Ray task per bundle
+    (``matrix.compute_small_stores``); larger ones by ``compute_mi_matrix``, ``parallel_partitions``
+    at once so they still fill the cluster. Every store is the same either way (and resumable).
+    Returns ({partition key: store URL}, {"pairs", "pairs_computed", "seconds"}).
+    """
+    import ray
+
+    need = [p for p in parts if p.budget >= 1 and len(p.members) >= 2]
+    small = [p for p in need if len(p.members) <= c.tile_size]
+    large = [p for p in need if len(p.members) > c.tile_size]
+    groups = bundles(small, c.tile_size, int(ray.cluster_resources().get("CPU", 1)))
+    pairs = sum(len(p.members) * (len(p.members) - 1) // 2 for p in need)
+    log(f"MI: {len(need)} partition(s), {pairs:,} pairs: {len(small)} small ones in {len(groups)} task(s), "
+        f"{len(large)} of several tiles of {c.tile_size} ({c.parallel_partitions} at a time)")
+    stores = {p.key: f"{out}/mi/{p.name}" for p in need}
+    state, lock = {"done": 0, "computed": 0, "partitions": 0}, threading.Lock()
+    t0 = time.perf_counter()
+
+    def progress(finished: list[Partition], computed: int) -> None:
+        with lock:
+            state["done"] += sum(len(p.members) * (len(p.members) - 1) // 2 for p in finished)
+            state["computed"] += computed
+            state["partitions"] += len(finished)
+            el = time.perf_counter() - t0
+            log(f"MI: {state['partitions']}/{len(need)} partitions, {state['done']:,}/{pairs:,} pairs, "
+                f"{state['computed'] / max(el, 1e-9):,.0f} pairs/s computed, "
+                f"ETA {(pairs - state['done']) * el / max(state['done'], 1):.0f} s")
+
+    def run_bundles() -> None:
+        task = ray.remote(_bundle_task).options(num_cpus=1, num_gpus=c.gpus_per_tile, max_retries=3)
+        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        pending, queue = {}, list(groups)
+        while queue or pending:
+            while queue and len(pending) < window:
+                group = queue.pop(0)
+                items = ray.put([(pool.images[p.members], stores[p.key]) for p in group])
+                pending[task.remote(items, c.mi.bins, c.mi.color, c.tile_size, c.store_dtype)] = group
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            progress(pending.pop(ready[0]), sum(ray.get(ready[0])))
+
+    with ThreadPoolExecutor(max_workers=max(1, c.parallel_partitions) + 1) as ex:
+        futures = {ex.submit(partition_store, pool, p, out, c): p for p in large}
+        futures[ex.submit(run_bundles)] = None
+        for fut in as_completed(futures):
+            result = fut.result()
+            if futures[fut] is not None:  # a large partition's store
+                progress([futures[fut]], result.stats["pairs"])
+    return stores, {"pairs": pairs, "pairs_computed": state["computed"], "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------- 4. select
+
+def select_all(keys: np.ndarray, parts: list[Partition], stores: dict[int, str], budget: int,
+               c: ReduceConfig) -> tuple[np.ndarray, float]:
+    """Per-partition selection: ``select_partitioned`` on each partition's dense matrix (read from
+    its tile store); a partition above ``dense_max`` images is searched by ``select_distributed``'s
+    actors reading its tile store (the matrix never in one process)."""
+    from drmi_ray.matrix import TileStore
+    from drmi_ray.optimize import select_distributed, select_partitioned
+
+    def partition_mi(indices):
+        return TileStore(stores[int(keys[indices[0]])]).to_dense()
+
+    big = [p for p in parts if len(p.members) > c.dense_max and 2 <= p.budget < len(p.members)]
+    small = np.ones(len(keys), dtype=bool)
+    chosen, objective = [], 0.0
+    for p in big:
+        log(f"select: {p.name} has {len(p.members):,} images > dense_max; {c.num_actors} optimizer actors")
+        sel = select_distributed(stores[p.key], p.budget, num_actors=c.num_actors, seed=c.seed)
+        chosen.append(p.members[sel.indices])
+        objective += sel.objective
+        small[p.members] = False
+    if small.any():
+        rest = np.flatnonzero(small)
+        k_rest = budget - sum(p.budget for p in big)
+        sel = select_partitioned(keys[rest], k_rest, lambda idx: partition_mi(rest[idx]), seed=c.seed)
+        chosen.append(rest[sel.indices])
+        objective += sel.objective
+    return np.sort(np.concatenate(chosen)), float(objective)
+
+
+def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> dict:
+    """Partition, compute MI per partition, select per partition; returns selection.json's dict."""
+    from drmi_ray.optimize import partition_budgets
+
+    if c.budget > len(pool):
+        raise ValueError(f"budget {c.budget} is larger than the pool ({len(pool)} decodable images, "
+                         f"{len(pool.skipped)} skipped); lower --budget")
+    t0 = time.perf_counter()
+    keys, parts = partition_pool(pool, c.partition, clusters=c.clusters, seed=c.seed)
+    budgets = partition_budgets(keys, c.budget)  # proportional to size, largest remainder, sum = K
+    for p in parts:
+        p.budget = budgets[p.key]
+    sizes = [len(p.members) for p in parts]
+    log(f"partition: {c.partition}, {len(parts)} partition(s) of {min(sizes)}..{max(sizes)} images; "
+        f"budgets {min(budgets.values())}..{max(budgets.values())} (sum {c.budget})")
+    t_mi = time.perf_counter()
+    stores, mi_stats = compute_stores(pool, parts, out, c)
+    t_sel = time.perf_counter()
+    selected, objective = select_all(keys, parts, stores, c.budget, c)
+    log(f"select: {len(selected)} images, objective {objective:.4f}, {time.perf_counter() - t_sel:.1f} s")
+    if len(selected) != c.budget:
+        raise RuntimeError(f"selection has {len(selected)} images, expected {c.budget}")
+    inside = np.zeros(len(pool), dtype=bool)
+    inside[selected] = True
+    mi_seconds = t_sel - t_mi
+    return {
+        "format": "drmi-selection", "version": 1,
+        "data": c.data, "budget": int(c.budget), "partition": c.partition,
+        "settings": {"size": c.size, "mode": "RGB" if pool.images.ndim == 4 else "L",
+                     "image_shape": list(pool.images.shape[1:]), "bins": c.mi.bins, "color": c.mi.color,
+                     "tile_size": c.tile_size, "store_dtype": c.store_dtype, "clusters": len(parts),
+                     "pool_size": c.pool_size, "max_pixels": c.max_pixels, "seed": c.seed},
+        "n_files": int(pool.stats.get("files", len(pool))), "n_images": int(len(pool)),
+        "selected": [pool.paths[i] for i in selected],
+        "indices": [int(i) for i in selected],
+        "objective": objective,
+        "skipped": pool.skipped,
+        "partitions": [{"name": p.name, "size": len(p.members), "budget": p.budget,
+                        "selected": int(inside[p.members].sum()), "store": stores.get(p.key)} for p in parts],
+        "seconds": {"decode": round(pool.stats.get("seconds", 0.0), 3), "partition": round(t_mi - t0, 3),
+                    "mi": round(mi_seconds, 3), "select": round(time.perf_counter() - t_sel, 3)},
+        "stats": {"decoded_images_per_s": round(pool.stats.get("images_per_s", 0.0), 1),
+                  "mi_pairs": mi_stats["pairs"], "mi_pairs_computed": mi_stats["pairs_computed"],
+                  "mi_pairs_per_s": round(mi_stats["pairs_computed"] / max(mi_seconds, 1e-9), 1)},
+    }
+
+
+# --------------------------------------------------------------------------- the whole run
+
+def init_ray(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address) if address else ray.init()
+    res = ray.cluster_resources()
+    log(f"Ray: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
+
+
+def run_reduce(c: ReduceConfig, out: str, *, address: str | None = None) -> dict:
+    """The whole job: pool -> selection.json (and config.json) in ``out``; with ``c.target``, the
+    attack with the selection too. Returns the selection dict."""
+    from drmi_ray import report
+
+    check_config(c)
+    out = out.rstrip("/")
+    t0 = time.perf_counter()
+    init_ray(address)
+    pool = load(c)
+    log(f"pool: {len(pool)} images of {pool.images.shape[1:]} from {c.data} ({len(pool.skipped)} skipped)")
+    for s in pool.skipped[:20]:
+        log(f"skipped {s['path']}: {s['reason']}")
+    if len(pool.skipped) > 20:
+        log(f"... and {len(pool.skipped) - 20} more skipped files (all listed in selection.json)")
+    result = reduce_pool(pool, c, out)
+    result["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    report.write_text(f"{out}/config.json", json.dumps(c.to_dict(), indent=1))
+    report.write_text(f"{out}/selection.json", json.dumps(result, indent=1))
+    log(f"selected {len(result['selected'])} of {result['n_images']} images ({len(result['skipped'])} skipped) "
+        f"in {result['seconds']['total']:.1f} s; wrote {out}/selection.json")
+    if c.target:
+        attack_with_selection(pool, result, c, out)
+        log(f"wrote {out}/report.md")
+    return result
+
+
+# --------------------------------------------------------------------------- 5. optional attack
+
+def query_target(target, images: np.ndarray, *, batch: int = 256, retries: int = 3,
+                 client: str = "drmi") -> tuple[np.ndarray, list[int]]:
+    """Query the target actor batch by batch; returns (labels, -1 where no answer came; starts of
+    batches whose answer was lost).
+
+    Never spends a query twice: before each batch the target's spent count is read; if the
+    replica dies mid-call, the count read after its restart says whether the batch was counted
+    (then its answer is lost and it is not sent again) or not (then it is sent again).
+    """
+    import ray
+    from ray.exceptions import RayActorError
+
+    from drmi_ray.target import QueryBudgetExceeded
+
+    labels = np.full(len(images), -1, dtype=np.int64)
+    lost = []
+    for start in range(0, len(images), batch):
+        chunk = images[start:start + batch]
+        for attempt in range(retries + 1):
+            before = _queries_used(target)
+            try:
+                answer = np.asarray(ray.get(target.query.remote(chunk, client=client)))
+                labels[start:start + len(chunk)] = answer if answer.ndim == 1 else answer.argmax(1)
+                break
+            except RayActorError as err:
+                after = _queries_used(target)  # waits for the restarted replica
+                if after >= before + len(chunk):
+                    log(f"query: target replica died after counting images {start}..{start + len(chunk) - 1}; "
+                        f"their answers are lost and they are not sent again ({err.__class__.__name__})")
+                    lost.append(start)
+                    break
+                log(f"query: target replica died before counting batch {start}; sending it again")
+            except QueryBudgetExceeded as err:
+                log(f"query: {err}")
+                lost.append(start)
+                break
+        log(f"query: {min(start + batch, len(images))}/{len(images)} images sent")
+    return labels, lost
+
+
+def _queries_used(target, timeout: float = 120.0) -> int:
+    """The target's spent count; retried while a crashed replica restarts."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return int(ray.get(target.queries_used.remote()))
+        except RayActorError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def referee_test(pool: Pool, selected: np.ndarray, c: ReduceConfig, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The referee's labelled held-out images at the target's geometry: ``c.test``; else a named
+    source's own test split (``cifar10:ROOT`` -> ``cifar10-test:ROOT``); else up to ``test_size``
+    unselected labelled pool images (the labels are the referee's, never the attacker's)."""
+    from drmi_ray.data import load_pool
+
+    rng = np.random.default_rng(c.seed)
+    mode = "L" if len(shape) == 2 else "RGB"
+    name, _, root = c.data.partition(":")
+    if c.test or name in ("mnist", "cifar10"):
+        test = load_pool(c.test or f"{name}-test:{root}", size=None if c.test is None else shape[0], mode=mode,
+                         download=c.download, on_error="skip")
+        pick = np.sort(rng.permutation(len(test))[: c.test_size])
+        images, labels = test.images[pick], test.labels[pick]
+    else:
+        rest = np.setdiff1d(np.flatnonzero(pool.labels >= 0), selected)
+        rest = np.sort(rng.permutation(rest)[: c.test_size])
+        if len(rest) == 0:
+            raise ValueError("--target: no labelled images left for the referee; pass --test URL")
+        images, labels = at_geometry(pool, rest, shape), pool.labels[rest]
+    keep = labels >= 0
+    return images[keep], labels[keep]
+
+
+def at_geometry(pool: Pool, indices, shape: tuple) -> np.ndarray:
+    """Pool images at the target's geometry: decoded again from their files when it differs."""
+    from drmi_ray.ingest import Listing, decode_pool
+
+    images = pool.images[np.asarray(indices, dtype=np.int64)]
+    if images.shape[1:] == tuple(shape):
+        return images
+    paths = [pool.paths[i] for i in indices]
+    if any("#" in p for p in paths):
+        raise ValueError(f"the target takes images of shape {tuple(shape)}, the pool's are {images.shape[1:]}; "
+                         "rerun with --size (and --rgb) matching the target")
+    listing = Listing("selected files", "folder", [{"start": s, "paths": paths[s:s + 512]}
+                                                   for s in range(0, len(paths), 512)], len(paths))
+    again = decode_pool(listing, size=shape[0], mode="L" if len(shape) == 2 else "RGB", progress=False)
+    if len(again) != len(paths):
+        raise ValueError(f"{len(paths) - len(again)} selected files could not be decoded again: {again.skipped[:1]}")
+    return np.asarray(again.images)
+
+
+def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str) -> list[dict]:
+    """Query the target with the selection, fit a substitute (Ray Train), score it and attack."""
+    import dataclasses
+
+    import ray
+
+    from drmi_ray import report
+    from drmi_ray.baselines import seeded_shuffle
+    from drmi_ray.experiment import fit_and_score, read_json
+    from drmi_ray.models import predict
+    from drmi_ray.target import BlackBoxTarget, load_checkpoint, load_classifier
+
+    timings = {}
+    ckpt = load_checkpoint(c.target)
+    size, channels = int(ckpt["image_size"]), int(ckpt["in_channels"])
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    selected = np.asarray(result["indices"], dtype=np.int64)
+    images = at_geometry(pool, selected, shape)
+    test_images, test_labels = referee_test(pool, selected, c, shape)
+
+    answers_url = f"{out}/answers.json"
+    saved = read_json(answers_url)
+    if saved and saved.get("selected") == result["selected"] and saved.get("target") == c.target:
+        # a rerun: the target already answered (and counted) these queries; never ask twice
+        answers, queries = np.asarray(saved["labels"], dtype=np.int64), int(saved["queries"])
+        log(f"query: reusing the {int((answers >= 0).sum())} answers in {answers_url} (no new queries)")
+    else:
+        local = _is_local(out)
+        audit = os.path.join(out if local else tempfile.mkdtemp(prefix="drmi-reduce-"), "target-audit.jsonl")
+        target = BlackBoxTarget.options(max_restarts=3, max_task_retries=0).remote(
+            c.target, budget=len(images), audit_path=audit)
+        t = time.perf_counter()
+        # a seeded shuffle, not the selection's index order (an ImageFolder pool is stored by class)
+        order = seeded_shuffle(np.arange(len(images)), c.seed)
+        answers = np.empty(len(images), dtype=np.int64)
+        answers[order], lost = query_target(target, images[order], client="drmi-reduce")
+        queries = _queries_used(target)
+        ray.kill(target)
+        timings["queries"] = time.perf_counter() - t
+        report.write_text(answers_url, json.dumps({"target": c.target, "selected": result["selected"],
+                                                   "labels": answers.tolist(), "queries": queries,
+                                                   "lost_batches": lost}))
+        if not local:
+            with open(audit) as f:
+                report.write_text(f"{out}/target-audit.jsonl", f.read())
+    log(f"target answered {int((answers >= 0).sum())} of {len(images)} images; it counted {queries} queries")
+    ok = answers >= 0
+    if ok.sum() < 2:
+        raise ValueError("--target: fewer than 2 answers to train a substitute on")
+
+    t = time.perf_counter()
+    train = dataclasses.replace(c.substitute, num_classes=int(ckpt["num_classes"]), seed=c.seed)
+    target_labels = predict(load_classifier(c.target), test_images)
+    (scores,) = fit_and_score([(images[ok], answers[ok], train)], c.target, test_images, test_labels,
+                              target_labels, c, storage_path=f"{out}/train")
+    timings["substitute training, evaluation and PGD transfer"] = time.perf_counter() - t
+    rows = [{"method": "drmi", "budget": len(images), "seed": c.seed, "queries": int(queries),
+             "accuracy": scores["accuracy"], "fidelity": scores["fidelity"],
+             "transfer_rate": scores["transfer_rate"], "substitute": c.substitute.model,
+             "test_images": int(len(test_images))}]
+    notes = [f"pool: {c.data} ({result['n_images']} images, {len(result['skipped'])} skipped), "
+             f"partition {result['partition']}", f"target: {c.target} ({ckpt['model']})",
+             f"substitute: {c.substitute.model} (random init), test: {c.test or 'see referee_test'} "
+             f"({len(test_images)} images)"]
+    report.write_run(out, rows, config=c.to_dict(), timings=timings, notes=notes)
+    log(f"substitute {c.substitute.model}: accuracy {scores['accuracy']:.3f}, fidelity {scores['fidelity']:.3f}, "
+        f"transfer rate {scores['transfer_rate']:.3f}")
+    return rows
+
+
+def _is_local(url: str) -> bool:
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)

@@ -1,0 +1,299 @@
+"""The reduction pipeline (drmi_ray/reduce.py) through its front ends `drmi reduce`,
+jobs/imagenet.py and jobs/cifar10.py, on small generated pools (local Ray).
+
+The ImageFolder is made here from the bundled real digits, saved as JPEGs in class folders, with
+bad files of every kind among them (corrupt, truncated, not an image, above the pixel limit, a
+real decompression bomb): each must be listed in ``skipped`` with its reason and the job must
+still select exactly K readable images.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from drmi_ray import reduce
+from drmi_ray.cli import main
+from drmi_ray.data import Pool
+from drmi_ray.ingest import list_pool, thumbnails
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PER_CLASS = 30
+
+
+def drmi_reduce(*argv) -> int:
+    return main(["reduce", *map(str, argv)])
+
+
+def jpeg_bytes(image) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, digits):
+    """300 JPEG digits in 10 class folders + one bad file of each kind."""
+    from PIL import Image
+
+    images, labels = digits
+    root = tmp_path_factory.mktemp("imagefolder")
+    for c in range(10):
+        (root / f"class{c}").mkdir()
+        for i in np.flatnonzero(labels == c)[:PER_CLASS]:
+            (root / f"class{c}" / f"{i:05d}.jpg").write_bytes(jpeg_bytes(images[i]))
+    (root / "class3" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    good = jpeg_bytes(images[0])
+    (root / "class7" / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (root / "class1" / "notes.png").write_text("a text file with an image suffix")
+    # 9000 x 9000 (81 M pixels): above the default --max-pixels (64 M), below PIL's own warning
+    Image.new("1", (9000, 9000)).save(root / "class2" / "oversized.png")
+    # 15000 x 15000 (225 M pixels): PIL itself refuses it as a decompression bomb
+    Image.new("1", (15000, 15000)).save(root / "class5" / "bomb.png")
+    (root / "README.txt").write_text("not an image: ignored by the listing")
+    return root
+
+
+BAD_FILES = {"corrupt.jpg": "not a readable image", "truncated.jpg": "not a readable image",
+             "notes.png": "not a readable image", "oversized.png": "above the limit of 64,000,000",
+             "bomb.png": "decompression bomb"}
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_partitions_and_proportional_budgets():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (100, 12, 12), dtype=np.uint8)
+    labels = np.repeat([0, 1, 2], [50, 30, 20])
+    pool = Pool(images, labels, [f"img{i}" for i in range(100)], ["cat", "dog", "a/b"], thumbs=thumbnails(images))
+    keys, parts = reduce.partition_pool(pool, "label")
+    assert [p.name for p in parts] == ["0000-cat", "0001-dog", "0002-a_b"]
+    assert [len(p.members) for p in parts] == [50, 30, 20]
+    from drmi_ray.optimize import partition_budgets
+
+    assert partition_budgets(keys, 10) == {0: 5, 1: 3, 2: 2}
+    keys, parts = reduce.partition_pool(pool, "kmeans", clusters=4)
+    assert len(parts) == 4 and sum(len(p.members) for p in parts) == 100
+    keys, parts = reduce.partition_pool(pool, "none")
+    assert len(parts) == 1 and (keys == 0).all()
+
+
+def test_small_partitions_share_tasks_but_every_cpu_gets_work():
+    def parts(*sizes):
+        return [reduce.Partition(i, f"p{i}", np.arange(n)) for i, n in enumerate(sizes)]
+
+    classes = parts(*[30] * 1000)  # ImageNet-like: 1,000 small classes
+    groups = reduce.bundles(classes, tile_size=1300, cpus=4)
+    assert sorted(p.key for g in groups for p in g) == list(range(1000))  # each partition once
+    assert len(groups) == 8  # 435,000 pairs in bundles of >= 435,000 / (2 * 4 CPUs)
+    assert len(reduce.bundles(parts(1000, 1000), tile_size=1300, cpus=2)) == 2  # not both in one task
+    # a tile of 100 holds 5,000 pairs: two partitions of 100 (4,950 pairs each) per bundle
+    assert len(reduce.bundles(parts(*[100] * 40), tile_size=100, cpus=1)) == 20
+
+
+def test_listing_cuts_the_sorted_files_into_units(image_folder):
+    listing = list_pool(str(image_folder), batch_files=40, cpus=1)
+    assert listing.kind == "folder" and listing.n_files == 10 * PER_CLASS + 5
+    paths = [p for u in listing.units for p in u["paths"]]
+    assert paths == sorted(paths) and len(paths) == listing.n_files
+    assert [u["start"] for u in listing.units] == list(range(0, listing.n_files, 40))
+    assert listing.classes == [f"class{c}" for c in range(10)]
+
+
+def test_reduce_end_to_end_lists_every_bad_file(ray_local, image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--data", image_folder, "--budget", 40, "--out", out, "--size", 20, "--partition", "label",
+            "--tile-size", 16, "--parallel-partitions", 2]
+    assert drmi_reduce(*argv) == 0
+    printed = capsys.readouterr().out
+    assert "MI: 10/10 partitions" in printed and "select:" in printed and "corrupt.jpg" in printed
+
+    sel = read_json(out / "selection.json")
+    assert sel["format"] == "drmi-selection" and sel["version"] == 1
+    assert len(sel["selected"]) == 40 == len(set(sel["selected"]))
+    assert all(os.path.exists(p.removeprefix("file://")) for p in sel["selected"])
+    skipped = {os.path.basename(s["path"]): s["reason"] for s in sel["skipped"]}
+    assert set(skipped) == set(BAD_FILES)
+    for name, reason in BAD_FILES.items():
+        assert reason in skipped[name], (name, skipped[name])
+    assert "BytesIO" not in json.dumps(sel["skipped"])  # reasons name no in-memory objects
+    assert not any(os.path.basename(p) in skipped for p in sel["selected"])
+    assert sel["n_files"] == 10 * PER_CLASS + 5 and sel["n_images"] == 10 * PER_CLASS
+    assert sel["settings"]["image_shape"] == [20, 20] and sel["stats"]["mi_pairs"] == 10 * 30 * 29 // 2
+
+    # per-class partitions (asked for), budgets proportional to size (30 each -> 4 each), chosen inside the class
+    parts = sel["partitions"]
+    assert len(parts) == 10 and [p["budget"] for p in parts] == [4] * 10
+    assert [p["selected"] for p in parts] == [4] * 10
+    for c in range(10):
+        assert sum(f"/class{c}/" in p for p in sel["selected"]) == 4
+    for p in parts:  # every partition has its own tile store and manifest
+        assert os.path.exists(os.path.join(p["store"].removeprefix("file://"), "manifest.json"))
+
+    # a rerun into the same folder resumes from the tile stores and gives the same selection
+    assert drmi_reduce(*argv) == 0
+    assert "0 pairs/s computed" in capsys.readouterr().out
+    assert read_json(out / "selection.json")["selected"] == sel["selected"]
+
+
+def test_imagenet_job_and_drmi_reduce_write_the_same_selection(ray_local, image_folder, tmp_path):
+    settings = ["--data", str(image_folder), "--budget", "12", "--size", "16", "--clusters", "3", "--tile-size", "64"]
+    assert drmi_reduce(*settings, "--out", tmp_path / "reduce") == 0
+    job = subprocess.run([sys.executable, "jobs/imagenet.py", *settings, "--out", str(tmp_path / "job")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_ADDRESS": "local"})
+    assert job.returncode == 0, job.stderr[-3000:]
+    by_reduce, by_job = read_json(tmp_path / "reduce" / "selection.json"), read_json(tmp_path / "job" / "selection.json")
+    assert by_job["partition"] == "kmeans" == by_reduce["partition"]  # label-free by default
+    assert by_job["selected"] == by_reduce["selected"] and len(by_job["selected"]) == 12
+    assert by_job["skipped"] == by_reduce["skipped"]
+
+
+def test_parquet_shards_without_labels_use_kmeans_by_default(ray_local, digits, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images, _ = digits
+    root = tmp_path / "shards"
+    root.mkdir()
+    for shard in range(3):  # no label column anywhere: the attacker's pool is unlabeled
+        rows = [jpeg_bytes(images[i]) for i in range(shard * 40, shard * 40 + 40)]
+        if shard == 1:
+            rows[5] = b"garbage"
+        pq.write_table(pa.table({"image": rows}), root / f"part-{shard}.parquet", row_group_size=16)
+    out = tmp_path / "run"
+    assert drmi_reduce("--data", root, "--budget", 12, "--out", out, "--size", 16, "--clusters", 3,
+                       "--tile-size", 32) == 0
+    sel = read_json(out / "selection.json")
+    assert len(sel["selected"]) == 12 == len(set(sel["selected"]))
+    assert [s["path"].rsplit("/", 1)[-1] for s in sel["skipped"]] == ["part-1.parquet#5"]
+    assert sel["n_images"] == 119 and sel["partition"] == "kmeans"
+    assert len(sel["partitions"]) == 3 and sum(p["budget"] for p in sel["partitions"]) == 12
+
+
+def test_label_partition_needs_labels(ray_local, digits, tmp_path, capsys):
+    images, _ = digits
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(12):
+        (root / f"{i}.jpg").write_bytes(jpeg_bytes(images[i]))
+    assert drmi_reduce("--data", root, "--budget", 4, "--out", tmp_path / "run", "--partition", "label") == 2
+    assert "no labels" in capsys.readouterr().err
+    assert drmi_reduce("--data", root, "--budget", 4, "--out", tmp_path / "run2", "--partition", "none") == 0
+    assert len(read_json(tmp_path / "run2" / "selection.json")["selected"]) == 4
+
+
+def test_large_partition_uses_optimizer_actors(ray_local, image_folder, tmp_path, capsys):
+    """A partition above --dense-max is selected by select_distributed reading its tile store."""
+    out = tmp_path / "run"
+    assert drmi_reduce("--data", image_folder, "--budget", 10, "--out", out, "--size", 12, "--partition", "none",
+                       "--dense-max", 100, "--num-actors", 2, "--tile-size", 64) == 0
+    assert "optimizer actors" in capsys.readouterr().out
+    sel = read_json(out / "selection.json")
+    assert len(sel["selected"]) == 10 and sel["partitions"][0]["size"] == 300
+
+
+def test_bad_arguments_are_clear(ray_local, image_folder, tmp_path, capsys):
+    assert drmi_reduce("--data", tmp_path / "missing", "--budget", 4, "--out", tmp_path / "r") == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert drmi_reduce("--data", image_folder, "--budget", 0, "--out", tmp_path / "r") == 2
+    assert "budget must be a positive integer" in capsys.readouterr().err
+    assert drmi_reduce("--data", image_folder, "--budget", 100000, "--out", tmp_path / "r", "--size", 8) == 2
+    assert "larger than the pool" in capsys.readouterr().err
+
+
+def test_mixed_sizes_without_size_is_a_clear_error(ray_local, digits, tmp_path, capsys):
+    from PIL import Image
+
+    images, _ = digits
+    root = tmp_path / "mixed"
+    root.mkdir()
+    for i in range(6):
+        Image.fromarray(images[i]).resize((28 + 4 * (i % 2),) * 2).save(root / f"{i}.png")
+    assert drmi_reduce("--data", root, "--budget", 2, "--out", tmp_path / "r") == 2
+    assert "pass --size" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def target_ckpt(digits, tmp_path_factory):
+    from drmi_ray.models import TrainConfig
+    from drmi_ray.target import train_target
+
+    images, labels = digits
+    ckpt = str(tmp_path_factory.mktemp("target") / "target.pt")
+    pick = np.random.default_rng(1).choice(len(images), 600, replace=False)  # the digits are sorted by class
+    train_target(images[pick], labels[pick], ckpt, config=TrainConfig(model="lenet5", epochs=1, min_steps=60))
+    return ckpt
+
+
+def attack_argv(image_folder, out, ckpt, substitute):
+    return ["reduce", "--data", str(image_folder), "--budget", "20", "--out", str(out), "--size", "20",
+            "--tile-size", "16", "--target", ckpt, "--substitute", substitute,
+            "--epochs", "1", "--min-steps", "4", "--test-size", "40", "--pgd-steps", "3",
+            "--substitute-workers", "0"]  # Train V2 local mode: real Ray Train workers are tested in test_substitute
+
+
+def test_optional_attack_stage(ray_local, image_folder, target_ckpt, tmp_path):
+    """--target: query the target actor with the selection, fit a substitute, attack; a rerun
+    reuses the saved answers and never asks the target again."""
+    out = tmp_path / "run"
+    argv = attack_argv(image_folder, out, target_ckpt, "lenet5")
+    assert main(argv) == 0
+    (row,) = read_json(out / "results.json")
+    assert row["queries"] == 20 and row["budget"] == 20 and row["substitute"] == "lenet5"
+    for metric in ("accuracy", "fidelity", "transfer_rate"):
+        assert 0.0 <= row[metric] <= 1.0
+    audit = [json.loads(line) for line in open(out / "target-audit.jsonl")]
+    assert sum(r["n"] for r in audit if r["accepted"]) == 20
+    assert os.path.exists(out / "report.md")
+    # the substitute's weights came back as a Ray Train checkpoint in the run folder
+    (weights,) = (out / "train").glob("*/checkpoint_final/model.pt")
+    assert weights.stat().st_size > 0
+
+    # a rerun reuses the saved answers: the target is not asked (or charged) again
+    assert main(argv) == 0
+    assert [json.loads(line) for line in open(out / "target-audit.jsonl")] == audit
+    assert read_json(out / "results.json")[0]["queries"] == 20
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("substitute", ["resnet18", "inception_v3"])
+def test_optional_attack_stage_torchvision_substitutes(ray_local, image_folder, target_ckpt,
+                                                       tmp_path, substitute):
+    """The torchvision substitutes (random init) through the same path (≈ 1.5 min each on 2 cores)."""
+    out = tmp_path / "run"
+    assert main(attack_argv(image_folder, out, target_ckpt, substitute)) == 0
+    (row,) = read_json(out / "results.json")
+    assert row["queries"] == 20 and row["substitute"] == substitute
+
+
+def test_cifar10_source_on_a_stand_in_pool(ray_local, monkeypatch, tmp_path):
+    """cifar10:ROOT (jobs/cifar10.py's pool) with torchvision's loader replaced by 120 colour
+    images (no download here)."""
+    import drmi_ray.data as data
+
+    rng = np.random.default_rng(0)
+    fake = data.Pool(rng.integers(0, 256, (120, 32, 32, 3), dtype=np.uint8), np.repeat(np.arange(4), 30),
+                     classes=["a", "b", "c", "d"])
+    monkeypatch.setattr(data, "torchvision_pool", lambda name, root, train=True, download=False: fake)
+    out = tmp_path / "run"
+    assert drmi_reduce("--data", f"cifar10:{tmp_path}", "--budget", 8, "--out", out, "--tile-size", 16,
+                       "--pool-size", 100) == 0
+    sel = read_json(out / "selection.json")
+    assert len(sel["selected"]) == 8 and all(p.startswith(f"cifar10:{tmp_path}#") for p in sel["selected"])
+    assert sel["settings"]["mode"] == "RGB" and sel["n_images"] == 100
+
+
+def test_cifar10_without_data_is_a_clear_error(ray_local, tmp_path, capsys):
+    assert drmi_reduce("--data", f"cifar10:{tmp_path / 'nothing'}", "--budget", 8, "--out", tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert "--download" in err or "download=True" in err
