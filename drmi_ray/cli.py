@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import traceback
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -53,7 +54,14 @@ def build_config(args):
     from drmi_ray.baselines import METHODS
     from drmi_ray.config import apply_protocol
 
-    config = ExperimentConfig.load(args.config) if args.config else ExperimentConfig()
+    if args.config:
+        try:
+            config = ExperimentConfig.load(args.config)
+        except (OSError, ValueError, TypeError) as err:  # missing, not JSON, unknown or bad settings
+            raise ValueError(f"--config {args.config}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                             "give a config.json written by drmi run") from err
+    else:
+        config = ExperimentConfig()
     if args.protocol:
         config = apply_protocol(config, args.protocol, args.data_root)
     if args.methods == ("all",):
@@ -72,7 +80,10 @@ def build_config(args):
     config = r(config, pool=r(config.pool, **pool), selection=r(config.selection, **sel), mi=r(config.mi, **mi),
                target=r(config.target, **target))
     if args.substitute_model:
-        config.substitute = r(config.substitute, model=args.substitute_model)
+        try:
+            config.substitute = r(config.substitute, model=args.substitute_model)
+        except ValueError as err:
+            raise ValueError(f"--substitute: {err}") from None
     if args.substitute_workers is not None:
         config.substitute_workers = args.substitute_workers
     return config
@@ -153,33 +164,73 @@ def reduce_config(args):
         substitute_workers=args.substitute_workers, substitute_gpu=args.substitute_gpu)
 
 
+def one_line(err: BaseException) -> str:
+    """An error as one line with what to do: Ray errors show their underlying cause, OS and
+    runtime errors say where to look; our own ValueErrors already carry the fix."""
+    from ray.exceptions import ActorDiedError, RayError, RayTaskError
+
+    while isinstance(err, RayTaskError) and err.cause is not None and err.cause is not err:
+        err = err.cause  # a task/actor raised: its own exception, not Ray's wrapper
+    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+    if isinstance(err, ActorDiedError) and err.actor_init_failed and lines:
+        text = lines[-1]  # the creation task's traceback ends with "SomeError: message"
+    else:
+        text = lines[0] if lines else ""
+    name = type(err).__name__
+    if isinstance(err, (ValueError, TypeError)) and not isinstance(err, RayError):
+        return text or name
+    if isinstance(err, RayError):  # before OSError: GetTimeoutError is a TimeoutError
+        return f"Ray: {name}: {text}; check the cluster (ray status) or rerun with --debug for the traceback"
+    if isinstance(err, FileNotFoundError):
+        return f"{text or name}; check the path or URL"
+    if isinstance(err, OSError):
+        return f"{name}: {text}; check the path, its permissions and free space"
+    return f"{name}: {text}; rerun with --debug for the traceback"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="drmi", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser(sub)
     reduce_parser(sub)
+    for p in sub.choices.values():  # `drmi run --debug ...` too; SUPPRESS keeps `drmi --debug run` working
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     args = parser.parse_args(argv)
     try:
-        if args.command == "run":
-            import ray
+        from drmi_ray import report
+        from drmi_ray.config import check_out
 
-            from drmi_ray import report
-            from drmi_ray.experiment import run_experiment
+        if args.command == "run":
+            from drmi_ray.experiment import check_config, run_experiment
 
             config = build_config(args)
-            out = (args.out or report.new_run_folder("mnist")).rstrip("/")
+            check_config(config)  # every setting, then the run folder, before Ray starts
+            out = check_out(args.out or report.new_run_folder("mnist"))
             if args.address:
+                import ray
+
                 ray.init(address=args.address)
             run_experiment(config, out)
             print(f"[drmi] wrote {out}/report.md (results.json, results.csv, results.png)")
         else:
-            from drmi_ray import report
-            from drmi_ray.reduce import run_reduce
+            from drmi_ray import reduce
 
             config = reduce_config(args)
-            run_reduce(config, args.out or report.new_run_folder("reduce"), address=args.address)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"drmi {args.command}: error: {err}", file=sys.stderr)
+            reduce.check_config(config)
+            out = check_out(args.out or report.new_run_folder("reduce"))
+            reduce.run_reduce(config, out, address=args.address)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"drmi {args.command}: interrupted; rerun the same command with the same --out to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the door: every error becomes one line (or --debug's traceback)
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"drmi {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

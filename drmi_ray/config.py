@@ -16,6 +16,107 @@ from drmi_ray.models import TrainConfig
 
 
 PROTOCOLS = ("bundled-mnist", "paper-mnist", "paper-cifar10")
+BUNDLED_IMAGES = 5000  # the bundled MNIST digits (drmi_ray.data.bundled_mnist)
+PAPER_HELD_OUT = 10000  # torchvision MNIST / CIFAR-10 test sets: the paper's pool + test split
+
+
+# --------------------------------------------------------------------------- checks at the door
+# Used by experiment.check_config and reduce.check_config. ``option`` is what the user typed (the
+# CLI flag, or the config.json key when there is no flag); every message is one line with the fix.
+
+def check_int(option: str, value, *, minimum: int = 1, maximum: int | None = None, none_ok: bool = False,
+              fix: str = "") -> None:
+    """``value`` is an int (not a bool) in ``minimum..maximum``, or None when ``none_ok``."""
+    import numbers
+
+    if value is None and none_ok:
+        return
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if not ok:
+        want = (f"an integer in {minimum}..{maximum}" if maximum is not None
+                else "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+        raise ValueError(f"{option} must be {want}, got {value!r}" + (f"; {fix}" if fix else ""))
+
+
+def check_number(option: str, value, *, above: float | None = None, at_least: float | None = None,
+                 at_most: float | None = None, none_ok: bool = False, fix: str = "") -> None:
+    """``value`` is a real number (not a bool, not NaN) with ``value > above``, ``>= at_least``,
+    ``<= at_most``, or None when ``none_ok``."""
+    import math
+    import numbers
+
+    if value is None and none_ok:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
+    ok = ok and (at_most is None or value <= at_most)
+    if not ok:
+        lower = f"> {above:g}" if above is not None else f">= {at_least:g}" if at_least is not None else ""
+        upper = f"<= {at_most:g}" if at_most is not None else ""
+        want = " and ".join(x for x in (lower, upper) if x) or "a number"
+        raise ValueError(f"{option} must be a number {want}, got {value!r}" + (f"; {fix}" if fix else ""))
+
+
+def check_choice(option: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def check_exists(option: str, url: str | None, what: str) -> None:
+    """``url`` (a path or fsspec URL) exists; None passes."""
+    if url is None:
+        return
+    import fsspec
+
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"{option} must be a path or URL of {what}, got {url!r}")
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise ValueError(f"{option} {url} does not exist; give the path or URL of {what}")
+
+
+def check_out(out: str, option: str = "--out") -> str:
+    """Make sure the run folder ``out`` (a path or fsspec URL) can be created and written: create it
+    and write and remove a probe file. Returns ``out`` without a trailing slash; a file in its
+    place or an unwritable location is a one-line ValueError naming ``option``."""
+    import os
+    import uuid
+
+    import fsspec
+
+    if not isinstance(out, str) or not out.strip("/"):
+        raise ValueError(f"{option} must be a folder path or fsspec URL, got {out!r}")
+    out = out.rstrip("/")
+    try:
+        fs, path = fsspec.core.url_to_fs(out)
+        if fs.isfile(path):
+            raise ValueError(f"{option} {out} is a file, not a folder; give a folder path (new or existing)")
+        fs.makedirs(path, exist_ok=True)
+        probe = f"{path}/.drmi-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        fs.pipe_file(probe, b"ok")
+        fs.rm(probe)
+    except OSError as err:  # PermissionError, NotADirectoryError, FileExistsError, ...
+        reason = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{option} {out} cannot be created or written ({reason}); "
+                         "choose a folder you can write to") from err
+    return out
+
+
+def check_source(option: str, source: str, *, download: bool) -> None:
+    """A pool source (see drmi_ray.data.load_pool) that can be read: a known name, a torchvision
+    root that exists (or ``download``), or an existing ImageFolder / Parquet URL."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{option} must be bundled-mnist, mnist:ROOT, cifar10:ROOT or a URL, got {source!r}")
+    if source == "bundled-mnist":
+        return
+    name, sep, root = source.partition(":")
+    if sep and name in ("mnist", "mnist-test", "cifar10", "cifar10-test"):
+        if not download:
+            check_exists(option, root or ".", f"the torchvision {name} data (or pass --download)")
+        return
+    check_exists(option, source, "the pool (an ImageFolder tree or Parquet shards)")
 
 
 @dataclass

@@ -65,20 +65,58 @@ def load_data(config: ExperimentConfig) -> Data:
 
 
 def check_config(config: ExperimentConfig) -> None:
-    """Refuse a configuration that cannot run, before any work is done."""
-    sel = config.selection
+    """Refuse a configuration that cannot run, before any work is done (no Ray, no data read).
+
+    Each refusal is a ValueError of one line naming the ``drmi run`` flag (or, for settings with
+    no flag, the ``config.json`` key) and the fix.
+    """
+    from drmi_ray.config import (BUNDLED_IMAGES, PAPER_HELD_OUT, PROTOCOLS, check_choice, check_exists,
+                                 check_int, check_number, check_source)
+    from drmi_ray.mi import COLOR_MODES, LEVELS
+    from drmi_ray.target import OUTPUTS
+
+    pc, sel, tc = config.pool, config.selection, config.target
     unknown = [m for m in sel.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)} (or 'all')")
-    if not sel.budgets or min(sel.budgets) < 2:
-        raise ValueError(f"budgets must each be at least 2 queries, got {list(sel.budgets)}")
-    if max(sel.budgets) > config.pool.pool:
-        raise ValueError(
-            f"budget {max(sel.budgets)} is larger than the attacker's pool ({config.pool.pool} images); "
-            "lower the budget or enlarge the pool"
-        )
-    if sel.seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {sel.seeds}")
+    if isinstance(sel.methods, str) or not sel.methods or unknown:
+        raise ValueError(f"--methods: unknown method(s) {unknown or list(sel.methods)}; "
+                         f"choose from {', '.join(METHODS)} (or 'all')")
+    if not sel.budgets or isinstance(sel.budgets, str):
+        raise ValueError(f"--budgets must list at least one budget, like 50,100,200; got {sel.budgets!r}")
+    for budget in sel.budgets:
+        check_int("--budgets", budget, minimum=2, fix="each budget must be at least 2 queries")
+    check_int("--seeds", sel.seeds, fix="give the number of seeds per (method, budget) cell")
+    # pool and splits
+    check_choice("--protocol", pc.protocol, PROTOCOLS)
+    check_int("--pool-size", pc.pool)
+    check_int("--test-size", pc.test)
+    check_int("pool.target_train (config.json)", pc.target_train)
+    check_int("pool.split_seed (config.json)", pc.split_seed, minimum=0)
+    check_int("pool.size (config.json)", pc.size, none_ok=True)
+    if max(sel.budgets) > pc.pool:
+        raise ValueError(f"--budgets: budget {max(sel.budgets)} is larger than the attacker's pool ({pc.pool} images); "
+                         "lower the budget or enlarge the pool with --pool-size")
+    if pc.source == "bundled-mnist" and pc.target_train + pc.pool + pc.test > BUNDLED_IMAGES:
+        raise ValueError(f"--pool-size {pc.pool} + --test-size {pc.test} + {pc.target_train} target training "
+                         f"images exceed the {BUNDLED_IMAGES} bundled digits; lower --pool-size or --test-size")
+    if pc.protocol.startswith("paper-") and pc.pool + pc.test > PAPER_HELD_OUT:
+        raise ValueError(f"--pool-size {pc.pool} + --test-size {pc.test} exceed the {PAPER_HELD_OUT} held-out "
+                         "images of the paper protocols; lower them")
+    check_source("--pool", pc.source, download=pc.download)
+    # MI
+    check_int("--bins", config.mi.bins, minimum=2, maximum=LEVELS, fix="give the grey levels per pixel (default 256)")
+    check_choice("--color", config.mi.color, COLOR_MODES)
+    # the target
+    check_exists("--target", tc.checkpoint, "a target checkpoint (.pt)")
+    check_number("--rate-limit", tc.rate_limit, above=0, none_ok=True,
+                 fix="give images/s, or leave the flag out for no limit")
+    check_choice("--output", tc.output, OUTPUTS)
+    check_int("target.decimals (config.json)", tc.decimals, minimum=0)
+    check_number("target.prada_delta (config.json)", tc.prada_delta, above=0, at_most=1, none_ok=True,
+                 fix="use --no-prada to switch the detector off")
+    # substitutes
+    check_int("--substitute-workers", config.substitute_workers, minimum=0, fix="0 fits in Ray Train's local mode")
+    if not isinstance(config.substitute_gpu, bool):
+        raise ValueError(f"substitute_gpu (config.json) must be true or false, got {config.substitute_gpu!r}")
 
 
 class Timings(dict):
@@ -192,7 +230,10 @@ def acquire_all(cells, config, checkpoint, pool_ref, mi_ref, audit_dir):
 
 def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
     """Run the whole experiment and write the run folder ``out`` (path or fsspec URL)."""
+    from drmi_ray.config import check_out
+
     check_config(config)
+    out = check_out(out)
     if not ray.is_initialized():
         ray.init()
     fs, out_path = fsspec.core.url_to_fs(out)

@@ -53,25 +53,30 @@ def log(msg: str) -> None:
 
 
 def check_config(c: ReduceConfig) -> None:
-    """Refuse settings that cannot run, before any work."""
-    def positive(name, value, allow_none=False):
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    """Refuse settings that cannot run, before any work (no Ray, no image decoded): one-line
+    ValueErrors naming the ``drmi reduce`` flag and the fix."""
+    from drmi_ray.config import check_choice, check_exists, check_int, check_number, check_source
+    from drmi_ray.mi import COLOR_MODES, LEVELS
 
-    positive("budget", c.budget)
+    check_int("--budget", c.budget, fix="give K, the number of images to select")
     for name in ("tile_size", "max_in_flight", "parallel_partitions", "dense_max", "num_actors", "batch_files",
                  "max_pixels", "test_size"):
-        positive(name, getattr(c, name))
+        check_int("--" + name.replace("_", "-"), getattr(c, name))
     for name in ("size", "pool_size", "clusters"):
-        positive(name, getattr(c, name), allow_none=True)
-    if c.partition not in ("kmeans", "label", "none"):
-        raise ValueError(f"partition must be kmeans, label or none, got {c.partition!r}")
-    if c.store_dtype not in ("float64", "float32"):
-        raise ValueError(f"store_dtype must be float64 or float32, got {c.store_dtype!r}")
-    if c.gpus_per_tile < 0:
-        raise ValueError(f"gpus_per_tile must be >= 0, got {c.gpus_per_tile}")
+        check_int("--" + name.replace("_", "-"), getattr(c, name), none_ok=True)
+    if c.pool_size is not None and c.budget > c.pool_size:
+        raise ValueError(f"--budget {c.budget} is larger than --pool-size {c.pool_size}; lower the budget or "
+                         "enlarge the pool")
+    check_int("--seed", c.seed, minimum=0)
+    check_choice("--partition", c.partition, ("kmeans", "label", "none"))
+    check_choice("--store-dtype", c.store_dtype, ("float64", "float32"))
+    check_number("--gpus-per-tile", c.gpus_per_tile, at_least=0, fix="0 computes MI tiles on CPUs")
+    check_int("--bins", c.mi.bins, minimum=2, maximum=LEVELS, fix="give the grey levels per pixel (default 256)")
+    check_choice("--color", c.mi.color, COLOR_MODES)
+    check_int("--substitute-workers", c.substitute_workers, minimum=0, fix="0 fits in Ray Train's local mode")
+    check_source("--data", c.data, download=c.download)
+    check_exists("--target", c.target, "a target checkpoint (.pt)")
+    check_exists("--test", c.test, "a labelled ImageFolder tree or Parquet shards")
 
 
 # --------------------------------------------------------------------------- 1. pool
@@ -335,8 +340,10 @@ def run_reduce(c: ReduceConfig, out: str, *, address: str | None = None) -> dict
     attack with the selection too. Returns the selection dict."""
     from drmi_ray import report
 
+    from drmi_ray.config import check_out
+
     check_config(c)
-    out = out.rstrip("/")
+    out = check_out(out)
     t0 = time.perf_counter()
     init_ray(address)
     pool = load(c)

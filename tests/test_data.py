@@ -61,6 +61,10 @@ def test_image_folder_reads_real_pngs_and_names_the_corrupt_file(ray_local, tmp_
     first = [p.endswith("img000.png") for p in pool.paths].index(True)
     assert np.array_equal(pool.images[first], digits[0][0])  # PNG is lossless: pixels survive exactly
     assert pool.classes[pool.labels[first]] == f"class{digits[1][0]}"
+    Image.new("1", (15000, 15000)).save(root / "class0" / "bomb.png")  # 225 M pixels: PIL's bomb error
+    with pytest.raises(ValueError, match=r"bomb\.png: not a readable image \(decompression bomb"):
+        load_pool(str(root))
+    (root / "class0" / "bomb.png").unlink()
     resized = load_pool(str(root), size=14, on_error="skip")
     assert resized.images.shape == (12, 14, 14)
     # the same tree through an fsspec URL

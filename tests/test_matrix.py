@@ -158,3 +158,144 @@ def test_small_stores_in_one_call_are_the_stores_compute_mi_matrix_writes(ray_lo
     assert compute_small_stores([(images, b)], tile_size=32) == [0]  # already there: nothing recomputed
     with pytest.raises(ValueError, match="do not fit one tile of 32"):
         compute_small_stores([(digits[0][:40], str(tmp_path / "d"))], tile_size=32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Integrity: self-describing tiles, atomic manifest, concurrent drivers
+
+
+def test_manifest_deleted_then_other_bins_is_refused_never_mixed(ray_local, digits, tmp_path):
+    images, url = digits[0][:20], str(tmp_path / "s")
+    compute_mi_matrix(images, url, tile_size=8, progress=False)
+    os.remove(os.path.join(url, "manifest.json"))
+    assert compute_mi_matrix(images, url, tile_size=8, progress=False).computed == []  # same settings: kept
+    os.remove(os.path.join(url, "manifest.json"))
+    with pytest.raises(ValueError, match=r"no manifest.json but its tiles/ holds 6 tiles of another pool") as e:
+        compute_mi_matrix(images, url, tile_size=8, bins=16, progress=False)
+    assert "\n" not in str(e.value) and not os.path.exists(os.path.join(url, "manifest.json"))
+    for f in os.listdir(os.path.join(url, "tiles")):  # what the message says to do
+        os.remove(os.path.join(url, "tiles", f))
+    store = compute_mi_matrix(images, url, tile_size=8, bins=16, progress=False)
+    assert store.computed == tile_grid(20, 8) and store.bins == 16
+    assert np.array_equal(store.to_dense(), pairwise_mi(images, bins=16))
+
+
+def test_truncated_and_emptied_tiles_are_named_then_repaired(ray_local, digits, tmp_path, capsys):
+    images, url = digits[0][:70], str(tmp_path / "s")
+    compute_mi_matrix(images, url, tile_size=32, progress=False)
+    truncated, emptied = (os.path.join(url, "tiles", f"tile-{t}.parquet") for t in ("00000-00001", "00001-00002"))
+    size = os.path.getsize(truncated)
+    os.truncate(truncated, size // 2)
+    open(emptied, "wb").close()
+    assert os.path.getsize(truncated) == size // 2 and os.path.getsize(emptied) == 0
+    store = TileStore(url)
+    with pytest.raises(ValueError, match=r"tile-00000-00001\.parquet .*bad: unreadable.*rerun compute_mi_matrix"):
+        store.read_rows([0])
+    with pytest.raises(ValueError, match=r"tile-00001-00002\.parquet .*bad: unreadable"):
+        store.read_tile(1, 2)
+    store = compute_mi_matrix(images, url, tile_size=32, progress=False)
+    assert store.computed == [(0, 1), (1, 2)] and store.stats["tiles_repaired"] == 2
+    assert "repaired 2 tiles" in capsys.readouterr().out
+    assert np.array_equal(store.to_dense(), pairwise_mi(images))
+    assert compute_mi_matrix(images, url, tile_size=32, progress=False).stats["tiles_repaired"] == 0
+
+
+def test_corrupted_page_is_caught_by_checksum_and_repaired_with_check_data(ray_local, digits, tmp_path):
+    images, url = digits[0][:40], str(tmp_path / "s")
+    compute_mi_matrix(images, url, tile_size=32, progress=False)
+    path = os.path.join(url, "tiles", "tile-00000-00000.parquet")
+    with open(path, "r+b") as f:  # flip bytes inside the data page: the footer stays sound
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ValueError, match=r"tile-00000-00000\.parquet .*(checksum|CRC)"):
+        TileStore(url).read_tile(0, 0)
+    assert compute_mi_matrix(images, url, tile_size=32, progress=False).computed == []  # footer check: cheap
+    store = compute_mi_matrix(images, url, tile_size=32, progress=False, check_data=True)
+    assert store.computed == [(0, 0)] and store.stats["tiles_repaired"] == 1
+    assert np.array_equal(store.to_dense(), pairwise_mi(images))
+
+
+def test_tile_from_another_store_is_recomputed(ray_local, digits, tmp_path):
+    import shutil
+
+    from drmi_ray.matrix import compute_small_stores
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    images = digits[0][:20]
+    compute_mi_matrix(images, a, tile_size=8, progress=False)
+    compute_mi_matrix(digits[0][20:40], b, tile_size=8, progress=False)
+    name = "tile-00000-00001.parquet"
+    shutil.copy(os.path.join(b, "tiles", name), os.path.join(a, "tiles", name))  # same shape, other pool
+    with pytest.raises(ValueError, match=f"{name} .*another store"):
+        TileStore(a).read_tile(0, 1)
+    store = compute_mi_matrix(images, a, tile_size=8, progress=False)
+    assert store.computed == [(0, 1)] and store.stats["tiles_repaired"] == 1
+    assert np.array_equal(store.to_dense(), pairwise_mi(images))
+    # the one-tile stores are checked the same way
+    c, d = str(tmp_path / "c"), str(tmp_path / "d")
+    assert compute_small_stores([(images[:8], c), (images[8:16], d)], tile_size=8) == [28, 28]
+    shutil.copy(os.path.join(d, "tiles", "tile-00000-00000.parquet"), os.path.join(c, "tiles", "tile-00000-00000.parquet"))
+    assert compute_small_stores([(images[:8], c), (images[8:16], d)], tile_size=8) == [28, 0]
+    assert np.array_equal(TileStore(c).to_dense(), pairwise_mi(images[:8]))
+
+
+def test_truncated_manifest_is_one_line_naming_it(ray_local, digits, tmp_path):
+    images, url = digits[0][:10], str(tmp_path / "s")
+    compute_mi_matrix(images, url, tile_size=8, progress=False)
+    path = os.path.join(url, "manifest.json")
+    os.truncate(path, os.path.getsize(path) // 2)
+    for call in (lambda: TileStore(url), lambda: compute_mi_matrix(images, url, tile_size=8, progress=False)):
+        with pytest.raises(ValueError, match=r"manifest\.json is unreadable.*delete it and rerun") as e:
+            call()
+        assert path in str(e.value) and "\n" not in str(e.value)
+    assert not [f for f in os.listdir(url) if f.endswith(".tmp")]  # no temporary manifest left behind
+
+
+def test_two_drivers_on_one_store_share_the_work(ray_local, digits, tmp_path):
+    """Two compute_mi_matrix calls (two threads: two drivers, each with its own claim owner) at once."""
+    import threading
+
+    images, url = digits[0][:300], str(tmp_path / "s")
+    results, errors = [None, None], []
+    barrier = threading.Barrier(2)
+
+    def driver(k):
+        try:
+            barrier.wait()
+            results[k] = compute_mi_matrix(images, url, tile_size=15, max_in_flight=4, progress=False)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=driver, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    a, b = results[0].computed, results[1].computed
+    assert a and b  # both drivers computed tiles: they really ran at the same time
+    assert not set(a) & set(b) and sorted(a + b) == tile_grid(300, 15)  # shared, none computed twice
+    assert results[0].stats["tiles_by_other_drivers"] + results[1].stats["tiles_by_other_drivers"] > 0
+    assert not [f for f in os.listdir(os.path.join(url, "tiles")) if not f.startswith("tile-")]  # claims gone
+    assert np.array_equal(TileStore(url).to_dense(), pairwise_mi(images))
+
+
+def test_claims_of_dead_or_stale_drivers_are_taken_over(ray_local, digits, tmp_path):
+    import json
+    import socket
+
+    images, url = digits[0][:20], str(tmp_path / "s")
+    os.makedirs(os.path.join(url, "tiles"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claims = {"00000-00000": {"owner": "x", "host": socket.gethostname(), "pid": dead.pid, "time": time.time()},
+              "00000-00001": {"owner": "y", "host": "elsewhere", "pid": 1, "time": time.time() - 5}}
+    for name, claim in claims.items():
+        with open(os.path.join(url, "tiles", f".claim-{name}"), "w") as f:
+            json.dump(claim, f)
+    start = time.time()
+    store = compute_mi_matrix(images, url, tile_size=8, progress=False, claim_timeout_s=8)
+    assert store.computed == tile_grid(20, 8) and time.time() - start >= 2.5  # waited for the live claim
+    assert np.array_equal(store.to_dense(), pairwise_mi(images))

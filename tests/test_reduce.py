@@ -161,22 +161,26 @@ def test_imagenet_job_and_drmi_reduce_write_the_same_selection(ray_local, image_
 def test_parquet_shards_without_labels_use_kmeans_by_default(ray_local, digits, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from PIL import Image
 
     images, _ = digits
     root = tmp_path / "shards"
     root.mkdir()
+    bomb = io.BytesIO()
+    Image.new("1", (15000, 15000)).save(bomb, format="PNG")  # 225 M pixels in a few kB
     for shard in range(3):  # no label column anywhere: the attacker's pool is unlabeled
         rows = [jpeg_bytes(images[i]) for i in range(shard * 40, shard * 40 + 40)]
         if shard == 1:
-            rows[5] = b"garbage"
+            rows[5], rows[6] = b"garbage", bomb.getvalue()
         pq.write_table(pa.table({"image": rows}), root / f"part-{shard}.parquet", row_group_size=16)
     out = tmp_path / "run"
     assert drmi_reduce("--data", root, "--budget", 12, "--out", out, "--size", 16, "--clusters", 3,
                        "--tile-size", 32) == 0
     sel = read_json(out / "selection.json")
     assert len(sel["selected"]) == 12 == len(set(sel["selected"]))
-    assert [s["path"].rsplit("/", 1)[-1] for s in sel["skipped"]] == ["part-1.parquet#5"]
-    assert sel["n_images"] == 119 and sel["partition"] == "kmeans"
+    assert [s["path"].rsplit("/", 1)[-1] for s in sel["skipped"]] == ["part-1.parquet#5", "part-1.parquet#6"]
+    assert "decompression bomb" in sel["skipped"][1]["reason"]
+    assert sel["n_images"] == 118 and sel["partition"] == "kmeans"
     assert len(sel["partitions"]) == 3 and sum(p["budget"] for p in sel["partitions"]) == 12
 
 

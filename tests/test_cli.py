@@ -1,0 +1,173 @@
+"""The `drmi` command's door: every setting and the run folder are checked before any work, and
+every error that reaches the CLI is one line on stderr (exit 2), or a traceback with --debug.
+
+No test here starts Ray or trains anything: the work itself is monkeypatched where it is reached.
+"""
+
+import os
+import time
+
+import pytest
+import ray.exceptions
+
+import drmi_ray.experiment  # noqa: F401 - imported here so timings below measure the command only
+import drmi_ray.reduce
+from drmi_ray.cli import main
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def reduce_args(out, *extra):
+    return ["reduce", "--data", "bundled-mnist", "--budget", "5", "--out", str(out), *map(str, extra)]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the CLI gets as far as starting the work."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the command started work; the check should have come first")
+
+    monkeypatch.setattr(drmi_ray.experiment, "run_experiment", boom)
+    monkeypatch.setattr(drmi_ray.reduce, "run_reduce", boom)
+    monkeypatch.setattr("ray.init", boom)
+
+
+def test_bad_rate_limit_is_refused_before_any_work(tmp_path, capsys, no_work):
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    assert main(["run", "--rate-limit", "-1", "--out", str(out)]) == 2
+    assert time.perf_counter() - start < 3
+    err = one_line(capsys)
+    assert "--rate-limit" in err and "leave the flag out" in err
+    assert not out.exists() or not os.listdir(out)  # no run files
+
+
+@pytest.mark.parametrize("flags, option", [
+    (["--seeds", "0"], "--seeds"),
+    (["--bins", "1"], "--bins"),
+    (["--bins", "300"], "--bins"),
+    (["--pool-size", "0"], "--pool-size"),
+    (["--test-size", "0"], "--test-size"),
+    (["--substitute-workers", "-1"], "--substitute-workers"),
+    (["--pool-size", "4900"], "--pool-size"),  # with target and test splits, more than the 5,000 digits
+    (["--target", "missing.pt"], "--target"),
+    (["--pool", "mnist:/no/such/root"], "--pool"),
+])
+def test_run_settings_are_checked_up_front(tmp_path, capsys, no_work, flags, option):
+    assert main(["run", *flags, "--out", str(tmp_path / "run")]) == 2
+    assert option in one_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_checks_refuse_bools_and_late_failures():
+    from drmi_ray.config import ExperimentConfig, ReduceConfig, SelectionConfig, TargetConfig
+
+    with pytest.raises(ValueError, match="--budgets"):
+        drmi_ray.experiment.check_config(ExperimentConfig(selection=SelectionConfig(budgets=(True, 50))))
+    with pytest.raises(ValueError, match="--rate-limit"):
+        drmi_ray.experiment.check_config(ExperimentConfig(target=TargetConfig(rate_limit=True)))
+    with pytest.raises(ValueError, match=r"prada_delta.*--no-prada"):
+        drmi_ray.experiment.check_config(ExperimentConfig(target=TargetConfig(prada_delta=1.5)))
+    with pytest.raises(ValueError, match="decimals"):
+        drmi_ray.experiment.check_config(ExperimentConfig(target=TargetConfig(decimals=-1)))
+    with pytest.raises(ValueError, match="--budget"):
+        drmi_ray.reduce.check_config(ReduceConfig(budget=True))
+    with pytest.raises(ValueError, match="--budget 50 is larger than --pool-size 10"):
+        drmi_ray.reduce.check_config(ReduceConfig(budget=50, pool_size=10))
+
+
+@pytest.mark.parametrize("flag", ["--budget", "--tile-size", "--max-pixels"])
+def test_reduce_numbers_are_checked_up_front(tmp_path, capsys, no_work, flag):
+    args = reduce_args(tmp_path / "r")
+    args += [flag, "0"]  # the last --budget wins
+    assert main(args) == 2
+    err = one_line(capsys)
+    assert flag in err and "positive integer" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "reduce"])
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys, no_work, command):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a folder")
+    args = ["run", "--out", str(a_file)] if command == "run" else reduce_args(a_file)
+    assert main(args) == 2
+    err = one_line(capsys)
+    assert "--out" in err and "is a file" in err
+    # a folder under a file cannot be created either
+    args = ["run", "--out", str(a_file / "run")] if command == "run" else reduce_args(a_file / "run")
+    assert main(args) == 2
+    assert "cannot be created or written" in one_line(capsys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_out_is_one_line(tmp_path, capsys, no_work):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(reduce_args(locked / "run")) == 2
+    assert "cannot be created or written" in one_line(capsys)
+
+
+def test_out_is_probed_and_left_clean(tmp_path):
+    from drmi_ray.config import check_out
+
+    out = check_out(f"{tmp_path}/new/run/")
+    assert out == f"{tmp_path}/new/run" and os.listdir(out) == []
+    assert check_out(f"file://{tmp_path}/new/run").startswith("file://")
+
+
+def task_error():
+    cause = ValueError("tile (3, 4) of /runs/x/mi: magic bytes not found; delete it and rerun")
+    return ray.exceptions.RayTaskError("compute_tile", "Traceback ...\nValueError: ...", cause).as_instanceof_cause()
+
+
+def actor_init_error():
+    tb = "Traceback (most recent call last):\n  File \"target.py\", line 1\nValueError: rate_limit must be > 0"
+    return ray.exceptions.ActorDiedError(ray.exceptions.RayTaskError("TargetService.__init__", tb, ValueError("x")))
+
+
+@pytest.mark.parametrize("error, expect", [
+    (PermissionError(13, "Permission denied", "/runs/x/mi/tiles"), "Permission denied: '/runs/x/mi/tiles'; check the path"),
+    (NotADirectoryError(20, "Not a directory", "/runs/x"), "NotADirectoryError"),
+    (RuntimeError("Dataset not found.\nYou can use download=True"), "RuntimeError: Dataset not found."),
+    (task_error(), "magic bytes not found; delete it and rerun"),
+    (actor_init_error(), "ActorDiedError: ValueError: rate_limit must be > 0"),
+    (ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready."), "Ray: GetTimeoutError"),
+])
+def test_errors_from_inside_the_command_are_one_line(tmp_path, capsys, monkeypatch, error, expect):
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(drmi_ray.reduce, "run_reduce", fails)
+    assert main(reduce_args(tmp_path / "r")) == 2
+    err = one_line(capsys)
+    assert err.startswith("drmi reduce: error: ") and expect in err
+    assert "Traceback" not in err
+    # --debug, before or after the subcommand: the full traceback instead
+    for args in (["--debug", *reduce_args(tmp_path / "r")], [*reduce_args(tmp_path / "r"), "--debug"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "fails" in err
+
+
+def test_run_errors_are_one_line_too(tmp_path, capsys, monkeypatch):
+    def fails(config, out):
+        raise task_error()
+
+    monkeypatch.setattr(drmi_ray.experiment, "run_experiment", fails)
+    assert main(["run", "--quick", "--out", str(tmp_path / "run")]) == 2
+    assert "magic bytes not found" in one_line(capsys)
+
+
+def test_interrupt_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(drmi_ray.reduce, "run_reduce", interrupted)
+    assert main(reduce_args(tmp_path / "r")) == 130
+    err = one_line(capsys)
+    assert "interrupted" in err and "same --out" in err
