@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 
 from drmi_ray.attack import AttackConfig
-from drmi_ray.data import MAX_PIXELS
+from drmi_ray.data import MAX_PIXELS, TORCHVISION_SOURCES
 from drmi_ray.models import TrainConfig
 
 
@@ -112,7 +112,7 @@ def check_source(option: str, source: str, *, download: bool) -> None:
     if source == "bundled-mnist":
         return
     name, sep, root = source.partition(":")
-    if sep and name in ("mnist", "mnist-test", "cifar10", "cifar10-test"):
+    if sep and name in TORCHVISION_SOURCES:
         if not download:
             check_exists(option, root or ".", f"the torchvision {name} data (or pass --download)")
         return

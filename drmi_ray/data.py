@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAX_PIXELS = 64_000_000  # default pixel limit per image file (8000 x 8000); larger ones are refused
+TORCHVISION_SOURCES = ("mnist", "mnist-test", "cifar10", "cifar10-test")  # NAME:ROOT forms of load_pool
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -111,7 +112,7 @@ def load_pool(source: str = "bundled-mnist", *, size: int | None = None, mode: s
         images, labels = bundled_mnist()
         return Pool(images, labels, classes=[str(d) for d in range(10)])
     name, sep, root = source.partition(":")
-    if sep and name in ("mnist", "mnist-test", "cifar10", "cifar10-test"):
+    if sep and name in TORCHVISION_SOURCES:
         return torchvision_pool(name.removesuffix("-test"), root, train=not name.endswith("-test"), download=download)
     import fsspec
 

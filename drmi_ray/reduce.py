@@ -42,10 +42,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from drmi_ray.config import ReduceConfig
-from drmi_ray.data import Pool
+from drmi_ray.data import TORCHVISION_SOURCES, Pool
 
 IMAGES_PER_CLUSTER = 1300  # default k-means granularity: about one ImageNet class per cluster
-NAMED_SOURCES = ("bundled-mnist", "mnist:", "mnist-test:", "cifar10:", "cifar10-test:")
 
 
 def log(msg: str) -> None:
@@ -86,7 +85,8 @@ def load(c: ReduceConfig) -> Pool:
     from drmi_ray.data import load_pool
     from drmi_ray.ingest import read_pool, thumbnails
 
-    if c.data.startswith(NAMED_SOURCES):
+    name, sep, _ = c.data.partition(":")
+    if c.data == "bundled-mnist" or (sep and name in TORCHVISION_SOURCES):
         pool = load_pool(c.data, download=c.download)
         if c.size is not None and pool.images.shape[1] != c.size:
             raise ValueError(f"{c.data} images are {pool.images.shape[1]} pixels wide; --size applies to image files only")
