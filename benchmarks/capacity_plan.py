@@ -89,11 +89,12 @@ class Measurement:
 
 RECORDED = {
     # mi.py's default CUDA path (Triton for d <= 4096, sort-search above) on natural_like images,
-    # 256 levels; 2048- and 4096-wide tiles within 3% (mean taken). Recorded with the figures in
-    # commit 8c96766 ("measured on one NVIDIA H200, device tool").
+    # 256 levels; 2048- and 4096-wide tiles within 3% (mean taken). Printed by the command below;
+    # the figures are kept only here (this file has held them since commit 8c96766). The machine's
+    # hostname was not recorded: rerun the command on a GPU to replace them with a labelled run.
     "h200-tile": Measurement(
         "h200-tile", {"64x64": 4.24e6, "64x64x3": 1.15e6, "32x32x3": 4.36e6},
-        machine="one NVIDIA H200, 16 CPU cores (the project's lent device machine)",
+        machine="one NVIDIA H200, 16 CPU cores (the project's lent device machine; hostname not recorded)",
         command="python benchmarks/capacity_plan.py --measure-gpu --gpu-tile 2048, and --gpu-tile 4096",
         what="one off-diagonal tile's task body, matrix.compute_tile (torch/Triton) + write_tile, no Ray; "
              "pair values/s", date="2026-11-26"),

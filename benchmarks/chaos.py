@@ -19,7 +19,8 @@ The reference is ``mi.pairwise_mi`` on each tile's rows and columns (``pairwise_
 the diagonal, ``pairwise_mi(pool[r], pool[c])`` off it), kept as SHA-256 per tile, so a 10k pool
 never needs the dense matrix in memory; it costs about as much as the matrix itself on one core.
 Pools beyond the 5,000 bundled digits are shifted copies (``benchmarks/mi_scale.shifted_pool``).
-Prints faults injected by kind, faults survived, wrong answers (must be 0) and the wall time.
+Prints faults injected by kind, faults survived, wrong answers (must be 0) and the wall time,
+with the machine (hostname, cores, load at start) and the command of the run.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import hashlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -194,6 +196,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     store = args.store or os.path.join(tempfile.mkdtemp(prefix="drmi-chaos-"), "store")
+    command = " ".join(["python benchmarks/chaos.py", *(sys.argv[1:] if argv is None else argv)])
+    machine = (f"machine {socket.gethostname()} ({os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f} at start); "
+               f"run `{command}` started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(machine, flush=True)
     start = time.perf_counter()
 
     pool = shifted_pool(args.n, seed=args.seed)
@@ -246,7 +252,7 @@ def main(argv=None):
     survived = injected if final_rc == 0 and final_wrong == 0 else 0
     print(f"faults injected: {injected}  survived: {survived}  wrong answers: {wrong}  "
           f"final matrix bit-exact vs pairwise_mi: {final_rc == 0 and final_wrong == 0}  "
-          f"wall: {time.perf_counter() - start:.0f} s")
+          f"wall: {time.perf_counter() - start:.0f} s\n{machine}")
     return 0 if wrong == 0 and final_rc == 0 else 1
 
 

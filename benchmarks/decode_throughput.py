@@ -7,7 +7,8 @@ Generates (once, under --cache) an ImageFolder of small JPEGs: bundled real digi
 ``size x size``, shifted and noised, 100 class folders (or takes ``--folder``). Lists it once
 (timed apart: every decoder needs the listing), then decodes it to ``size x size`` grey four
 ways, each ``--repeats`` times (the first repeat includes worker start-up), and prints images/s
-and the ratio to one plain PIL process:
+and the ratio to one plain PIL process timed in the same process, under the machine (hostname,
+cores, load at start) and the command of the run:
 
   pil-1-process     read + decode + resize in this process, no Ray
   ray-tasks         hand-scheduled Ray tasks, 256 files each, every task in flight at once
@@ -24,6 +25,7 @@ import argparse
 import glob
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -80,7 +82,9 @@ def main() -> None:
     cpus = int(ray.cluster_resources()["CPU"])
     t = time.perf_counter()
     listing = list_pool(folder, cpus=cpus)
-    print(f"machine: {platform.node()}, {os.cpu_count()} cores, Ray CPUs {cpus}; {len(files)} JPEGs of "
+    print(f"machine {platform.node()} ({os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f} at start, Ray CPUs {cpus}); "
+          f"run `{' '.join(['python benchmarks/decode_throughput.py', *sys.argv[1:]])}` started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(f"{len(files)} JPEGs of "
           f"{args.size}x{args.size} under {folder}; ingest.list_pool took {time.perf_counter() - t:.1f} s "
           f"(not in the rates below)")
 

@@ -16,8 +16,9 @@ local mode, PGD transfer) for every method, budget and seed, then prints per met
 
 and whether each method meets the default rule of issue 11: paired accuracy CI above 0 at 50,
 100 and 200 queries and not wholly below 0 at 400 and 600. It writes the run folder (results,
-report, config) and ``efficacy.png`` (accuracy, transfer rate and the paired accuracy margin
-over random against budget, error bars = 95% CI). Seeds are 0..N-1; the methods were tuned on other seeds (100-109), so these are fresh.
+report, config, and ``machine.txt``: the machine and command of the run, printed with the tables)
+and ``efficacy.png`` (accuracy, transfer rate and the paired accuracy margin over random against
+budget, error bars = 95% CI). Seeds are 0..N-1; the methods were tuned on other seeds (100-109), so these are fresh.
 ``--split T,P,S`` sets the target's training set, the attacker's pool and the test split (of
 the 5,000 bundled digits): a larger pool against the same budgets is where selection should
 matter more.
@@ -29,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import os
+import socket
 import sys
 import time
 
@@ -105,6 +107,13 @@ def tables(rows) -> str:
     return "\n".join(out)
 
 
+def machine_and_run(argv) -> str:
+    """The machine (hostname, cores, load now) and the command of this run, for the printed tables."""
+    command = " ".join(["python benchmarks/efficacy.py", *(sys.argv[1:] if argv is None else argv)])
+    return (f"machine {socket.gethostname()} ({os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f} at start); "
+            f"run `{command}` started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -157,6 +166,12 @@ def main(argv=None) -> int:
         out = args.previous
         with open(os.path.join(out, "results.json")) as f:
             rows = json.load(f)
+        machine_file = os.path.join(out, "machine.txt")
+        if os.path.exists(machine_file):
+            with open(machine_file) as f:
+                machine = f.read().strip()
+        else:
+            machine = "machine and command not recorded (no machine.txt in the run folder)"
         wall = None
     else:
         from drmi_ray.experiment import run_experiment
@@ -170,10 +185,13 @@ def main(argv=None) -> int:
         config.substitute = TrainConfig(model=args.substitute)
         config.substitute_workers = 0  # Train's local mode: hundreds of small fits
         out = args.out or new_run_folder("efficacy")
+        machine = machine_and_run(argv)
         start = time.perf_counter()
         rows = run_experiment(config, out)
         wall = time.perf_counter() - start
-    print(f"\nrun folder: {out}")
+        with open(os.path.join(out, "machine.txt"), "w") as f:
+            f.write(machine + "\n")
+    print(f"\nrun folder: {out}\n{machine}")
     print(tables(rows))
     plot(rows, os.path.join(out, "efficacy.png"))
     print(f"\nplot: {os.path.join(out, 'efficacy.png')}")

@@ -3,19 +3,29 @@
     python benchmarks/mi_scale.py                          # pools of 2k, 5k, 10k images
     python benchmarks/mi_scale.py --sizes 2000 5000 10000 20000 --tile-size 1024
     python benchmarks/mi_scale.py --sizes 60000 --dtype float32 --store /data/s   # 7.3 GB of tiles
+    python benchmarks/mi_scale.py --gpu --sizes 60000 --dtype float32   # tiles on this machine's GPU
 
 With --store, a rerun after a kill continues each store: the tiles column then reads
-"computed/total" and pairs/s counts only the pairs this run computed.
+"computed/total" and pairs/s counts only the pairs this run computed. Without it the stores go to
+a temporary folder that is removed at the end.
 
-Pools beyond the 5,000 bundled real digits are the same digits shifted by up to ±2 pixels
-(np.roll), so they stay digit-like. Flat pairs/s across sizes means the O(N²) pairs are all the
-cost; flat driver memory means the driver holds only the pool and the tasks in flight.
+Pools beyond the 5,000 bundled real digits are copies of them shifted by a different (dy, dx) in
+−2..2 each (np.roll; 24 shifts, so up to 125,000 images), so they stay digit-like; the table
+counts the exact duplicates. Flat pairs/s across sizes means the O(N²) pairs are all the cost;
+flat driver memory means the driver holds only the pool and the tasks in flight.
+
+The ratio column is against a reference timed in this process on this machine before the jobs:
+the same kernel computing one off-diagonal tile (tile_size² pairs, ``matrix.compute_tile``) in the
+driver, without Ray or the store, so it reads as the job's efficiency. With --gpu a second ratio
+is against the numba CPU kernel on all this machine's cores, also timed here.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -26,12 +36,29 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from drmi_ray.data import bundled_mnist  # noqa: E402
-from drmi_ray.matrix import DEFAULT_TILE_SIZE, DTYPES, TileStore, compute_mi_matrix  # noqa: E402
-from drmi_ray.mi import pairwise_mi  # noqa: E402
+from drmi_ray.matrix import DEFAULT_TILE_SIZE, DTYPES, TileStore, compute_mi_matrix, compute_tile  # noqa: E402
+from drmi_ray.mi import LEVELS, entropy_sums, joint_sums_cpu, pairwise_mi, to_codes  # noqa: E402
+
+SHIFTS = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (0, 0)]
+
+
+def scale_pool(n: int) -> np.ndarray:
+    """n digit images: the 5,000 bundled ones, then copies of them shifted by SHIFTS[0], SHIFTS[1], …"""
+    digits = bundled_mnist()[0]
+    copies = -(-n // len(digits)) - 1
+    if copies > len(SHIFTS):
+        raise ValueError(f"at most {len(digits) * (len(SHIFTS) + 1)} images, asked for {n}")
+    out = [digits] + [np.roll(digits, SHIFTS[k], axis=(1, 2)) for k in range(copies)]
+    return np.concatenate(out)[:n]
+
+
+def distinct_rows(x: np.ndarray) -> int:
+    return len(np.unique(x.reshape(len(x), -1), axis=0))
 
 
 def shifted_pool(n: int, seed: int = 0) -> np.ndarray:
-    """n digit images: the bundled ones, then copies shifted by −2..2 pixels in each direction."""
+    """n digit images: the bundled ones, then copies shifted by random −2..2 pixels in each
+    direction (may repeat a shift, so may hold exact duplicates; used by chaos.py)."""
     digits = bundled_mnist()[0]
     rng = np.random.default_rng(seed)
     out = [digits]
@@ -83,42 +110,115 @@ class PeakMemory:
         self._thread.join()
 
 
+def timed(fn, min_seconds=1.0):
+    """Seconds per call of fn: repeated until min_seconds have passed, after one warm-up."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        if time.perf_counter() - start >= min_seconds:
+            return (time.perf_counter() - start) / calls
+
+
+def references(tile_size: int, gpu: bool) -> dict:
+    """Pairs/s timed here, before the jobs: one off-diagonal tile in the driver (the job's kernel,
+    no Ray, no store) and, with a GPU, the numba CPU kernel on all cores."""
+    import numba
+
+    t = tile_size
+    codes = to_codes(scale_pool(2 * t))
+    sums = entropy_sums(codes, LEVELS)
+    device = None
+    if gpu:
+        import torch
+
+        device = "cuda"
+
+        def tile():
+            compute_tile(codes, sums, 0, 1, t, LEVELS, device=device)
+            torch.cuda.synchronize()
+    else:
+        def tile():
+            compute_tile(codes, sums, 0, 1, t, LEVELS)
+    refs = {"kernel": t * t / timed(tile)}
+    if gpu:
+        rows = max(1, min(t, 64))
+        refs["numba"] = rows * t / timed(lambda: joint_sums_cpu(codes[:rows], codes[t:], LEVELS))
+    refs["threads"] = numba.get_num_threads()
+    return refs
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000, 10000])
-    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE)
+    p.add_argument("--tile-size", type=int, default=None, help=f"default {DEFAULT_TILE_SIZE}, 4096 with --gpu")
     p.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: all)")
-    p.add_argument("--store", default=None, help="folder for the stores (default: a temp dir)")
+    p.add_argument("--gpu", action="store_true", help="tiles on this machine's GPU (Ray tasks with num_gpus)")
+    p.add_argument("--gpus-per-task", type=float, default=0.25,
+                   help="with --gpu: GPU share per tile task (0.25: 4 tiles in flight, so one writes "
+                        "its tile while another computes)")
+    p.add_argument("--store", default=None, help="folder for the stores (default: a temp dir, removed)")
     p.add_argument("--dtype", choices=DTYPES, default="float64", help="tile storage (float32 halves the disk)")
     args = p.parse_args()
+    tile_size = args.tile_size or (4096 if args.gpu else DEFAULT_TILE_SIZE)
+    gpus = args.gpus_per_task if args.gpu else 0
 
     import ray
+
+    where = f"{socket.gethostname()}, {os.cpu_count()} CPUs"
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--gpu: no CUDA device")
+        where += f", {torch.cuda.get_device_name()}"
+    refs = references(tile_size, args.gpu)
+    kernel = "GPU kernel (mi.joint_sums_torch, auto)" if args.gpu else f"numba CPU kernel, {refs['threads']} threads"
+    print(f"machine: {where}; load average {os.getloadavg()[0]:.1f}")
+    print(f"reference timed here: {kernel} on one {tile_size}x{tile_size} off-diagonal tile in the driver "
+          f"(no Ray, no store): {refs['kernel']:,.0f} pairs/s")
+    if args.gpu:
+        print(f"reference timed here: numba CPU kernel, {refs['threads']} threads: {refs['numba']:,.0f} pairs/s")
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     cpus = int(ray.cluster_resources()["CPU"])
     base = args.store or tempfile.mkdtemp(prefix="mi-scale-")
     # warm-up: workers start and load the compiled kernel before anything is timed
-    compute_mi_matrix(shifted_pool(600), os.path.join(base, "warmup"), tile_size=200, progress=False)
+    compute_mi_matrix(scale_pool(600), os.path.join(base, "warmup"), tile_size=200, progress=False,
+                      num_gpus_per_task=gpus)
 
-    print(f"tiled Ray MI job, tile_size {args.tile_size}, {cpus} Ray CPUs on {os.cpu_count()} cores; stores in {base}")
-    print(f"{'images':>8s} {'pairs':>14s} {'tiles':>9s} {'wall s':>8s} {'pairs/s':>12s} "
-          f"{'driver peak MB':>15s} {'job peak MB':>12s} {'store MB':>9s}")
-    for n in args.sizes:
-        images = shifted_pool(n)
-        url = os.path.join(base, f"n{n}")
-        with PeakMemory() as mem:
-            start = time.perf_counter()
-            store = compute_mi_matrix(images, url, tile_size=args.tile_size, dtype=args.dtype, progress=False)
-            wall = time.perf_counter() - start
-        pairs, computed, skipped = (store.stats[k] for k in ("pairs", "tiles_computed", "tiles_skipped"))
-        tiles_column = f"{computed}/{computed + skipped}" if skipped else str(computed)
-        size = sum(os.path.getsize(os.path.join(url, "tiles", f)) for f in os.listdir(os.path.join(url, "tiles")))
-        print(f"{n:8d} {pairs:14,d} {tiles_column:>9s} {wall:8.1f} {pairs / wall:12,.0f} "
-              f"{mem.driver / 2**20:15.0f} {mem.job / 2**20:12.0f} {size / 2**20:9.0f}", flush=True)
-        # spot check: two rows read back from the store equal the direct computation
-        rows = [0, n - 1]
-        direct = pairwise_mi(images[rows], images).astype(args.dtype)
-        assert np.array_equal(TileStore(url).read_rows(rows), direct), "store rows differ from pairwise_mi"
+    print(f"tiled Ray MI job, tile_size {tile_size}, {cpus} Ray CPUs"
+          + (f", {gpus} GPU per tile task" if gpus else "") + f", {args.dtype} tiles; stores in {base}")
+    print("pool: the 5,000 bundled real MNIST digits (28x28), then copies shifted by a different "
+          "(dy, dx) in -2..2 each")
+    print(f"{'images':>8s} {'distinct':>9s} {'pairs':>14s} {'tiles':>9s} {'wall s':>8s} {'pairs/s':>12s} "
+          f"{'x kernel':>9s}" + (f" {'x numba':>8s}" if args.gpu else "")
+          + f" {'driver peak MB':>15s} {'job peak MB':>12s} {'store MB':>9s}")
+    try:
+        for n in args.sizes:
+            images = scale_pool(n)
+            url = os.path.join(base, f"n{n}")
+            with PeakMemory() as mem:
+                start = time.perf_counter()
+                store = compute_mi_matrix(images, url, tile_size=tile_size, dtype=args.dtype, progress=False,
+                                          num_gpus_per_task=gpus)
+                wall = time.perf_counter() - start
+            pairs, computed, skipped = (store.stats[k] for k in ("pairs", "tiles_computed", "tiles_skipped"))
+            tiles_column = f"{computed}/{computed + skipped}" if skipped else str(computed)
+            tiles_dir = os.path.join(url, "tiles")
+            size = sum(os.path.getsize(os.path.join(tiles_dir, f)) for f in os.listdir(tiles_dir))
+            rate = pairs / wall
+            print(f"{n:8d} {distinct_rows(images):9d} {pairs:14,d} {tiles_column:>9s} {wall:8.1f} {rate:12,.0f} "
+                  f"{rate / refs['kernel']:9.2f}" + (f" {rate / refs['numba']:8.1f}" if args.gpu else "")
+                  + f" {mem.driver / 2**20:15.0f} {mem.job / 2**20:12.0f} {size / 2**20:9.0f}", flush=True)
+            # spot check: two rows read back from the store equal the direct computation
+            rows = [0, n - 1]
+            direct = pairwise_mi(images[rows], images).astype(args.dtype)
+            assert np.array_equal(TileStore(url).read_rows(rows), direct), "store rows differ from pairwise_mi"
+    finally:
+        if args.store is None:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

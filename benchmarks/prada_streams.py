@@ -5,16 +5,19 @@
 The pool is the bundled protocol's 2,000 digits in their seeded random order (not the file's
 class order), and each method sends its queries in its own natural order (``baselines``'
 docstring). A target (C3F2, as in the default run) answers every query; a PRADA detector
-(``prada.PradaDetector``, delta 0.95, the target actor's) watches each stream. Only selection
+(``prada.PradaDetector``, delta 0.95, as the target's ledger runs one per API key) watches each
+stream. Only selection
 runs here: no substitute is fitted on the answers (methods that train substitutes to choose,
 cpb, trace and jbda, still do), so the whole grid of rivals takes minutes. Prints, per method
-and budget, how many seeds' streams were flagged and at which query.
+and budget, how many seeds' streams were flagged and at which query, under the machine
+(hostname, cores, load at start) and the command of the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -40,6 +43,9 @@ def main(argv=None) -> int:
     methods = METHODS if args.methods == "all" else tuple(args.methods.split(","))
     budgets = [int(b) for b in args.budgets.split(",")]
 
+    command = " ".join(["python benchmarks/prada_streams.py", *(sys.argv[1:] if argv is None else argv)])
+    machine = (f"machine {socket.gethostname()} ({os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f} at start); "
+               f"run `{command}` started {time.strftime('%Y-%m-%d %H:%M:%S')}")
     start = time.perf_counter()
     config = ExperimentConfig()
     data = load_data(config)
@@ -63,6 +69,7 @@ def main(argv=None) -> int:
             print(f"  {method} {budget}: {flags[method, budget]}", flush=True)
 
     print("\nPRADA (delta 0.95): streams flagged / seeds (earliest flag at query)")
+    print(machine)
     print("| method | " + " | ".join(str(b) for b in budgets) + " |")
     print("|---|" + "---:|" * len(budgets))
     for method in methods:

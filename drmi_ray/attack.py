@@ -11,7 +11,8 @@ Arguments (``AttackConfig``), defaults for MNIST as in Madry et al.:
     steps (int): iterations. Default 40.
     random_start (bool): start from a uniform point of the eps-ball. Default True.
     seed (int): seeds the random start. Default 0.
-    batch_size (int): images per forward/backward. Default 256.
+    batch_size (int): images per forward/backward. Default 128 (on CPU, C3F2 runs ~10% faster
+        than at 256, with the same examples bit for bit).
 
 Shapes: images uint8 ``(n, H, W)`` / ``(n, H, W, C)`` or float ``(n, C, H, W)`` in [0, 1];
 labels int ``(n,)``. Output: float32 ``(n, C, H, W)`` in [0, 1], ``|adv - x|∞ ≤ eps``.
@@ -21,15 +22,18 @@ labels int ``(n,)``. Output: float32 ``(n, C, H, W)`` in [0, 1], ``|adv - x|∞ 
 
 ``transfer_rate``: among the test images the *target* classifies correctly, the share it
 misclassifies once they are replaced by their PGD examples made on the *substitute* (with the
-true labels). The adversarial floats are given to the target model as they are (not rounded to
-uint8). Images the target already gets wrong are left out; with none left the rate is NaN.
-The target model here is the referee's direct load of the checkpoint, not the attacker's queries.
+true labels). The target sees the adversarial examples as its API would receive them: rounded
+to uint8 grey levels (``as_sent``), so a pixel of an example can lie up to half a level (1/510)
+outside the eps-ball of its original: ``|as_sent(adv)/255 - x|∞ ≤ eps + 1/510``. Images
+the target already gets wrong are left out; with none left the rate is NaN. The target model
+here is the referee's direct load of the checkpoint, not the attacker's queries.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,7 +47,7 @@ class AttackConfig:
     steps: int = 40
     random_start: bool = True
     seed: int = 0
-    batch_size: int = 256
+    batch_size: int = 128
 
     def __post_init__(self):
         if not 0 <= self.eps <= 1:
@@ -81,7 +85,9 @@ def pgd(model: nn.Module, images, labels, config: AttackConfig | None = None) ->
     x = as_float_batch(images)
     y = torch.from_numpy(check_labels(labels, len(x)))
     was_training = model.training
+    requires_grad = [p.requires_grad for p in model.parameters()]
     model.eval()  # dropout off: attack the deterministic model
+    model.requires_grad_(False)  # only the images' gradient is used: skip the weights' (same result)
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(config.seed)
     out = []
@@ -91,7 +97,17 @@ def pgd(model: nn.Module, images, labels, config: AttackConfig | None = None) ->
             out.append(_pgd_batch(model, xb, yb, config, gen).cpu())
     finally:
         model.train(was_training)
+        for p, r in zip(model.parameters(), requires_grad):
+            p.requires_grad_(r)
     return torch.cat(out) if out else x.clone()
+
+
+def as_sent(adv: torch.Tensor) -> np.ndarray:
+    """Float ``(n, C, H, W)`` in [0, 1] -> uint8 ``(n, H, W)`` (one channel) or ``(n, H, W, C)``:
+    each pixel rounded to the nearest of the 256 grey levels, as an image API receives it."""
+    x = (adv.detach().cpu() * 255).round().to(torch.uint8)
+    x = x[:, 0] if x.shape[1] == 1 else x.permute(0, 2, 3, 1)
+    return x.contiguous().numpy()
 
 
 def transfer(substitute: nn.Module, target_model: nn.Module, images, labels,
@@ -102,7 +118,8 @@ def transfer(substitute: nn.Module, target_model: nn.Module, images, labels,
     "substitute_success"}``: ``n_target_correct`` test images the target gets right;
     ``n_transferred`` of them it gets wrong after PGD on the substitute;
     ``substitute_success`` = share of those adversarial examples the substitute itself
-    misclassifies (white-box success).
+    misclassifies (white-box success). Both models see the examples rounded to uint8
+    (``as_sent``), as the target's API would receive them.
     """
     config = config or AttackConfig()
     x = as_float_batch(images)
@@ -112,7 +129,7 @@ def transfer(substitute: nn.Module, target_model: nn.Module, images, labels,
            "transfer_rate": float("nan"), "substitute_success": float("nan")}
     if not correct.any():
         return out
-    adv = pgd(substitute, x[torch.from_numpy(correct)], labels[correct], config)
+    adv = as_sent(pgd(substitute, x[torch.from_numpy(correct)], labels[correct], config))
     kept = labels[correct]
     fooled = predict(target_model, adv) != kept
     out.update(n_transferred=int(fooled.sum()), transfer_rate=float(fooled.mean()),

@@ -1,7 +1,7 @@
 """Ways of spending a query budget: DRMI and its rivals (DESIGN.md stage 7, issue 6).
 
 Every method spends **exactly** ``budget`` queries through one ``query`` function that the caller
-supplies (in the experiment ``lambda x: ray.get(target.query.remote(x))``), so the target counts
+supplies (in the experiment ``TargetClient(url, key).query``: the target's HTTP API), so the target counts
 every method the same way. No Ray in here: the caller fans out the cells.
 
 Entry point::

@@ -42,7 +42,11 @@ def run_parser(sub) -> None:
     p.add_argument("--bins", type=int, help="MI grey levels (default 256)")
     p.add_argument("--color", choices=("flatten", "luminance"), help="MI colour mode (default flatten)")
     p.add_argument("--rate-limit", type=float, help="target's answer rate in images/s (default unlimited)")
+    p.add_argument("--burst", type=float, help="images the rate limiter lets through at once (default 1)")
     p.add_argument("--output", choices=("label", "probs", "top1", "rounded"), help="what the target answers (default label)")
+    p.add_argument("--target-replicas", type=int, help="model replicas behind the target's HTTP API (default 1)")
+    p.add_argument("--serve-port", type=int, help="the target's HTTP port on 127.0.0.1 when this run starts Ray Serve "
+                                                  "(default 8000)")
     p.add_argument("--no-prada", action="store_true", help="switch the target's PRADA detector off")
     p.add_argument("--substitute-workers", type=int, help="Ray Train workers per substitute fit (default 1; 0 = local mode)")
     p.add_argument("--address", help="Ray cluster address (default: the cluster of `ray job submit`, else a local one)")
@@ -74,7 +78,8 @@ def build_config(args):
     sel = {k: v for k, v in (("methods", args.methods), ("budgets", args.budgets), ("seeds", args.seeds)) if v is not None}
     mi = {k: v for k, v in (("bins", args.bins), ("color", args.color)) if v is not None}
     target = {k: v for k, v in (("checkpoint", args.checkpoint), ("rate_limit", args.rate_limit),
-                                ("output", args.output)) if v is not None}
+                                ("burst", args.burst), ("output", args.output), ("replicas", args.target_replicas),
+                                ("port", args.serve_port)) if v is not None}
     if args.no_prada:
         target["prada_delta"] = None
     config = r(config, pool=r(config.pool, **pool), selection=r(config.selection, **sel), mi=r(config.mi, **mi),
@@ -130,6 +135,8 @@ def reduce_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.add_argument_group("optional attack with the selection")
     a.add_argument("--target", help="a target checkpoint: query it with the selection, fit a substitute, attack")
+    a.add_argument("--serve-port", type=int, default=d.serve_port,
+                   help=f"the target's HTTP port on 127.0.0.1 when this run starts Ray Serve (default {d.serve_port})")
     a.add_argument("--test", help="the referee's labelled held-out ImageFolder/Parquet (default: the source's test "
                                   "split for mnist:/cifar10:, else unselected labelled pool images)")
     a.add_argument("--test-size", type=int, default=d.test_size, help=f"referee's held-out images (default {d.test_size})")
@@ -157,7 +164,7 @@ def reduce_config(args):
         clusters=args.clusters, mi=MIConfig(bins=args.bins, color=args.color), tile_size=args.tile_size,
         max_in_flight=args.max_in_flight, gpus_per_tile=args.gpus_per_tile, store_dtype=args.store_dtype,
         parallel_partitions=args.parallel_partitions, dense_max=args.dense_max, num_actors=args.num_actors,
-        seed=args.seed, target=args.target, test=args.test, test_size=args.test_size,
+        seed=args.seed, target=args.target, serve_port=args.serve_port, test=args.test, test_size=args.test_size,
         substitute=TrainConfig(model=args.substitute, epochs=args.epochs, min_steps=args.min_steps,
                                batch_size=args.train_batch),
         attack=AttackConfig(eps=args.eps, steps=args.pgd_steps),

@@ -42,14 +42,14 @@ def check_int(option: str, value, *, minimum: int = 1, maximum: int | None = Non
 
 def check_number(option: str, value, *, above: float | None = None, at_least: float | None = None,
                  at_most: float | None = None, none_ok: bool = False, fix: str = "") -> None:
-    """``value`` is a real number (not a bool, not NaN) with ``value > above``, ``>= at_least``,
+    """``value`` is a finite real number (not a bool, NaN or infinity) with ``value > above``, ``>= at_least``,
     ``<= at_most``, or None when ``none_ok``."""
     import math
     import numbers
 
     if value is None and none_ok:
         return
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
     ok = ok and (at_most is None or value <= at_most)
     if not ok:
@@ -152,6 +152,10 @@ class TargetConfig:
     output: str = "label"  # what a query returns: "label", "probs", "top1" or "rounded"
     decimals: int = 2  # output="rounded": decimals kept
     prada_delta: float | None = 0.95  # PRADA detector's Shapiro-Wilk threshold; None = off
+    burst: float = 1.0  # images the rate limiter lets through at once (with rate_limit)
+    replicas: int = 1  # model replicas behind the target's HTTP API (Ray Serve)
+    host: str = "127.0.0.1"  # where Serve's HTTP proxy listens (0.0.0.0: reachable from other nodes)
+    port: int = 8000  # Serve's HTTP port, when this run starts Serve
 
 
 @dataclass
@@ -222,10 +226,12 @@ def apply_protocol(config: ExperimentConfig, protocol: str, root: str = "data") 
 
 
 def quick(config: ExperimentConfig) -> ExperimentConfig:
-    """The few-minute version: smaller pool and test set, two budgets."""
+    """The few-minute version: smaller pool and test set, two budgets, LeNet-5 substitutes (a
+    LeNet-5 fit and its PGD take seconds of CPU where C3F2's take half a minute each)."""
     config = dataclasses.replace(config)
     config.pool = dataclasses.replace(config.pool, pool=600, test=500)
     config.selection = dataclasses.replace(config.selection, budgets=(50, 200))
+    config.substitute = dataclasses.replace(config.substitute, model="lenet5")
     return config
 
 
@@ -254,7 +260,8 @@ class ReduceConfig:
     num_actors: int = 4  # optimizer actors for a partition above dense_max
     seed: int = 0
     # the optional attack with the selection
-    target: str | None = None  # a target checkpoint: query it with the selection
+    target: str | None = None  # a target checkpoint: serve it over HTTP and query it with the selection
+    serve_port: int = 8000  # the target's HTTP port on 127.0.0.1, when this run starts Ray Serve
     test: str | None = None  # the referee's labelled held-out pool (default: unselected pool images)
     test_size: int = 500
     substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="resnet18", epochs=10, min_steps=100,

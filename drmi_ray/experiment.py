@@ -1,13 +1,18 @@
 """The experiment: every stage of DESIGN.md's pipeline for methods x budgets x seeds.
 
-pool -> target (trained or loaded) -> MI matrix -> acquisition through the target actor (one
-Ray task per cell) -> substitutes (Ray Train, concurrently) -> evaluation and PGD transfer (Ray
-tasks) -> run folder.
+pool -> target (trained or loaded) -> MI matrix -> acquisition through the target's HTTP API
+(one Ray task per cell) -> substitutes (Ray Train, concurrently) -> evaluation and PGD transfer
+(Ray tasks) -> run folder.
 
-The attacker's side (selection, querying, substitute training) sees the target only through the
-BlackBoxTarget actor, one per cell with that cell's budget. The referee's side (ground-truth
-accuracy, fidelity, transfer rate) loads the target checkpoint itself: those predictions are
-measurements, not the attacker's queries.
+The attacker's side (selection, querying, substitute training) sees the target only through its
+HTTP API (``drmi_ray.service``, served by Ray Serve for the run): each cell holds a
+``TargetClient`` with its own API key, whose budget is that cell's. The referee's side
+(ground-truth accuracy, fidelity, transfer rate) loads the target checkpoint itself: those
+predictions are measurements, not the attacker's queries.
+
+Reruns: the target's journal and operator key live in ``{out}/target/``, finished cells'
+acquisitions in ``{out}/acquired/``, the trained target in ``{out}/target.pt``: running the same
+``--out`` again resumes, and nothing the target answered is charged twice.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from drmi_ray.data import load_pool, split_indices
 from drmi_ray.matrix import compute_mi_matrix
 from drmi_ray.models import predict
 from drmi_ray.substitute import evaluate, fit_substitutes
-from drmi_ray.target import BlackBoxTarget, load_classifier, train_target
+from drmi_ray.client import TargetClient
+from drmi_ray.service import run_target
+from drmi_ray.target import load_classifier, train_target
 
 
 @dataclasses.dataclass
@@ -73,7 +80,7 @@ def check_config(config: ExperimentConfig) -> None:
     from drmi_ray.config import (BUNDLED_IMAGES, PAPER_HELD_OUT, PROTOCOLS, check_choice, check_exists,
                                  check_int, check_number, check_source)
     from drmi_ray.mi import COLOR_MODES, LEVELS
-    from drmi_ray.target import OUTPUTS
+    from drmi_ray.service import OUTPUTS
 
     pc, sel, tc = config.pool, config.selection, config.target
     unknown = [m for m in sel.methods if m not in METHODS]
@@ -109,6 +116,9 @@ def check_config(config: ExperimentConfig) -> None:
     check_exists("--target", tc.checkpoint, "a target checkpoint (.pt)")
     check_number("--rate-limit", tc.rate_limit, above=0, none_ok=True,
                  fix="give images/s, or leave the flag out for no limit")
+    check_number("--burst", tc.burst, above=0, fix="give how many images may pass at once (default 1)")
+    check_int("--target-replicas", tc.replicas, minimum=1)
+    check_int("--serve-port", tc.port, minimum=1, maximum=65535)
     check_choice("--output", tc.output, OUTPUTS)
     check_int("target.decimals (config.json)", tc.decimals, minimum=0)
     check_number("target.prada_delta (config.json)", tc.prada_delta, above=0, at_most=1, none_ok=True,
@@ -135,13 +145,20 @@ def _torch_threads():
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
 
+def cell_name(cell) -> str:
+    """A cell's client name at the target (its API key's name and request-id prefix)."""
+    method, budget, seed = cell
+    return f"{method}-{budget}-{seed}"
+
+
 @ray.remote(num_cpus=1)
-def acquire_cell(method, budget, seed, pool_images, mi, target, substitute_config):
-    """The attacker for one cell: spend ``budget`` queries with ``method`` through the target actor."""
+def acquire_cell(cell, pool_images, mi, url, key, substitute_config):
+    """The attacker for one cell: spend ``budget`` queries with ``method`` through the target's
+    HTTP API (an API key and the cell's request-id prefix; nothing else of the target)."""
     _torch_threads()
-    client = f"{method}-{budget}-{seed}"
-    got = acquire(method, pool_images, budget, lambda x: np.asarray(ray.get(target.query.remote(x, client=client))),
-                  seed=seed, mi=mi, substitute_config=substitute_config)
+    method, budget, seed = cell
+    client = TargetClient(url, key, prefix=cell_name(cell))
+    got = acquire(method, pool_images, budget, client.query, seed=seed, mi=mi, substitute_config=substitute_config)
     return got.images, got.labels
 
 
@@ -195,37 +212,78 @@ def read_json(url: str):
         return None
 
 
-def acquire_all(cells, config, checkpoint, pool_ref, mi_ref, audit_dir):
-    """Run every cell's acquisition, a bounded window of target actors at a time.
+def key_settings(config: ExperimentConfig, budget: int) -> dict:
+    """The API key of a cell: its budget and the target's rate limit and PRADA settings."""
+    tc = config.target
+    return {"budget": budget, "rate_limit": tc.rate_limit, "burst": tc.burst, "prada_delta": tc.prada_delta}
 
-    Returns {cell: (images, labels, queries counted by the target, PRADA state of its client)}.
+
+def acquire_all(cells, config, service, pool_ref, mi_ref, saved_dir):
+    """Run every cell's acquisition as a Ray task, each with its own API key and budget.
+
+    A finished cell's images and the target's answers are saved in ``saved_dir`` (the attacker's
+    copy): a rerun of the run folder reuses them, and a cell cut short is asked again with the
+    same request ids, so the target returns its stored answers without charging them twice.
+    Returns {cell: (images, labels, queries the target charged, PRADA flag of its key)}.
     """
-    window = max(1, int(ray.available_resources().get("CPU", 1)))
-    results, running = {}, {}
-    pending = list(cells)
+    os.makedirs(saved_dir, exist_ok=True)
+    task = acquire_cell
+    if config.target.host in ("127.0.0.1", "localhost") and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+        # the service listens on this node's loopback only: run the cells here
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def launch(cell):
-        method, budget, seed = cell
-        target = BlackBoxTarget.remote(
-            checkpoint, budget=budget, rate_limit=config.target.rate_limit, output=config.target.output,
-            decimals=config.target.decimals, prada_delta=config.target.prada_delta,
-            audit_path=os.path.join(audit_dir, f"{method}-{budget}-{seed}.jsonl"))
-        ref = acquire_cell.remote(method, budget, seed, pool_ref, mi_ref if method in MI_METHODS else None, target,
-                                  dataclasses.replace(config.substitute, seed=seed))
-        running[ref] = (cell, target)
-
-    while pending or running:
-        while pending and len(running) < window:
-            launch(pending.pop(0))
-        done, _ = ray.wait(list(running), num_returns=1)
-        cell, target = running.pop(done[0])
-        images, labels = ray.get(done[0])
-        queries, prada = ray.get([target.queries_used.remote(), target.prada_state.remote()])
-        client = prada.get(f"{cell[0]}-{cell[1]}-{cell[2]}", {})
-        results[cell] = (images, labels, queries, client.get("flagged_at"))
-        ray.kill(target)
-        print(f"[drmi]   acquired {len(results)}/{len(cells)}: {cell[0]} budget {cell[1]} seed {cell[2]}", flush=True)
+        here = ray.get_runtime_context().get_node_id()
+        task = acquire_cell.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False))
+    refs, got = {}, {}
+    for cell in cells:
+        saved = os.path.join(saved_dir, f"{cell_name(cell)}.npz")
+        key = service.create_key(cell_name(cell), **key_settings(config, cell[1]))
+        if os.path.exists(saved):
+            with np.load(saved) as f:
+                got[cell] = (f["images"], f["labels"])
+            continue
+        ref = task.remote(cell, pool_ref, mi_ref if cell[0] in MI_METHODS else None, service.url, key,
+                          dataclasses.replace(config.substitute, seed=cell[2]))
+        refs[ref] = cell
+    if got:
+        print(f"[drmi]   reusing {len(got)} finished acquisitions from {saved_dir}", flush=True)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        cell = refs[done[0]]
+        images, labels = got[cell] = ray.get(done[0])
+        saved = os.path.join(saved_dir, f"{cell_name(cell)}.npz")
+        np.savez(saved + ".tmp.npz", images=images, labels=labels)
+        os.replace(saved + ".tmp.npz", saved)
+        print(f"[drmi]   acquired {len(got)}/{len(cells)}: {cell[0]} budget {cell[1]} seed {cell[2]}", flush=True)
+    results = {}
+    for cell in cells:
+        usage = service.usage(cell_name(cell))
+        results[cell] = (*got[cell], usage["used"], usage["prada_flagged_at"])
     return results
+
+
+def check_resume(config: ExperimentConfig, work: str) -> None:
+    """A rerun of a run folder resumes it only with the same target: refuse up front when its
+    journal was written for another checkpoint or output, or holds one of this run's keys with
+    another budget, rate limit or detector."""
+    from drmi_ray.ledger import check_service, key_conflicts, read_journal
+    from drmi_ray.service import service_record
+
+    journal = os.path.join(work, "target", "journal.jsonl")
+    records = read_journal(journal)
+    tc = config.target
+    checkpoint = tc.checkpoint or os.path.join(work, "target.pt")
+    if records and os.path.exists(checkpoint):
+        check_service(journal, records, service_record(checkpoint, tc.output, tc.decimals))
+    sel = config.selection
+    wanted = {cell_name((m, b, s)): key_settings(config, b)
+              for b in sel.budgets for s in range(sel.seeds) for m in sel.methods}
+    clash = key_conflicts(records, wanted)
+    if clash:
+        raise ValueError(f"--out {work}: its target already has client {clash[0]!r} with other settings "
+                         f"(rate limit, burst or PRADA); rerun with the settings of its config.json to resume, "
+                         "or use a new --out")
 
 
 def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
@@ -239,7 +297,7 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
     fs, out_path = fsspec.core.url_to_fs(out)
     local = isinstance(fs, LocalFileSystem)
     work = out_path if local else tempfile.mkdtemp(prefix="drmi-run-")
-    os.makedirs(os.path.join(work, "audit"), exist_ok=True)
+    check_resume(config, work)
     timings = Timings()
 
     with timings.stage("pool"):
@@ -247,9 +305,12 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
 
     checkpoint = config.target.checkpoint
     if checkpoint is None:
-        with timings.stage("target training"):
-            checkpoint = os.path.join(work, "target.pt")
-            train_target(data.target_images, data.target_labels, checkpoint, config=config.target.train)
+        checkpoint = os.path.join(work, "target.pt")
+        if os.path.exists(checkpoint):  # a rerun: the target its journal was written for
+            print(f"[drmi] target: reusing {checkpoint}", flush=True)
+        else:
+            with timings.stage("target training"):
+                train_target(data.target_images, data.target_labels, checkpoint, config=config.target.train)
     target_labels = predict(load_classifier(checkpoint), data.test_images)
     target_accuracy = float((target_labels == data.test_labels).mean())
     print(f"[drmi] target accuracy on the test split: {100 * target_accuracy:.1f}%", flush=True)
@@ -262,8 +323,13 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
             mi = store.to_dense()
 
     cells = [(method, budget, seed) for budget in sel.budgets for seed in range(sel.seeds) for method in sel.methods]
+    tc = config.target
     with timings.stage("selection and queries"):
-        acquired = acquire_all(cells, config, checkpoint, ray.put(data.pool), ray.put(mi), os.path.join(work, "audit"))
+        with run_target(checkpoint, out, output=tc.output, decimals=tc.decimals, replicas=tc.replicas,
+                        host=tc.host, port=tc.port) as service:
+            print(f"[drmi] target: serving at {service.url}/v2/models/{service.model}/infer", flush=True)
+            acquired = acquire_all(cells, config, service, ray.put(data.pool), ray.put(mi),
+                                   os.path.join(work, "acquired"))
 
     with timings.stage("substitute training, evaluation and PGD transfer"):
         jobs = [(acquired[c][0], acquired[c][1], dataclasses.replace(config.substitute, seed=c[2])) for c in cells]
@@ -287,6 +353,6 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
     ]
     report.write_run(work if local else out, rows, config=config.to_dict(), timings=dict(timings), notes=notes,
                      prada_delta=config.target.prada_delta)
-    if not local:  # the target checkpoint and the audit log
+    if not local:  # the target checkpoint and the attacker's saved acquisitions
         fs.put(work.rstrip("/") + "/", out_path, recursive=True)
     return rows

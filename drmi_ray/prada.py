@@ -22,7 +22,7 @@ Example::
     det.observe(images_uint8, target_labels)   # -> bool, flagged so far
     det.flagged_at, det.state()
 
-``PradaMonitor`` keeps one detector per client (what the target actor holds). ``round_probs`` and
+The target's ledger (``drmi_ray.ledger``) keeps one detector per API key. ``round_probs`` and
 ``top1`` turn probability rows into the rounded / top-1 outputs a target may answer with.
 """
 
@@ -116,24 +116,6 @@ class PradaDetector:
                 "min_w": min(w for _, w in self.tests) if self.tests else None,
                 "set_sizes": {int(c): int(s) for c, s in sorted(self._size.items())},
                 "thresholds": {int(c): float(t) for c, t in sorted(self._threshold.items())}}
-
-
-class PradaMonitor:
-    """One ``PradaDetector`` per client (not thread-safe: call under the target's lock)."""
-
-    def __init__(self, delta: float = 0.95, **options):
-        PradaDetector(delta, **options)  # validate now
-        self.delta, self.options = delta, options
-        self.detectors: dict[str, PradaDetector] = {}
-
-    def observe(self, client: str, images: np.ndarray, labels) -> bool:
-        det = self.detectors.get(client)
-        if det is None:
-            det = self.detectors[client] = PradaDetector(self.delta, **self.options)
-        return det.observe(images, labels)
-
-    def state(self) -> dict:
-        return {client: det.state() for client, det in sorted(self.detectors.items())}
 
 
 # --------------------------------------------------------------------------- output options

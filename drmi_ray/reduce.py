@@ -18,7 +18,9 @@ Stages (each prints progress; a rerun into the same ``out`` resumes the MI stage
               ``parallel_partitions`` at once; tiles ask for ``gpus_per_tile`` GPUs.
 4. select     per partition on its dense matrix; a partition above ``dense_max`` images is searched
               by ``select_distributed``'s actors reading its tile store.
-5. optional (``target`` set): query the target with the selection (budget K, in a seeded shuffle),
+5. optional (``target`` set): serve the target checkpoint over HTTP (``service.run_target``, its
+              journal in ``{out}/target/``), query it with the selection through an API key of
+              budget K (in a seeded shuffle; a rerun gets the stored answers, charged once),
               fit a substitute with Ray Train (its weights come back as a Train checkpoint under
               ``{out}/train``), score it and attack the target with PGD (``experiment.fit_and_score``,
               the tail ``drmi run`` uses); ``results.json`` / ``report.md`` in ``out``.
@@ -31,9 +33,7 @@ Stages (each prints progress; a rerun into the same ``out`` resumes the MI stage
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -67,6 +67,7 @@ def check_config(c: ReduceConfig) -> None:
         raise ValueError(f"--budget {c.budget} is larger than --pool-size {c.pool_size}; lower the budget or "
                          "enlarge the pool")
     check_int("--seed", c.seed, minimum=0)
+    check_int("--serve-port", c.serve_port, minimum=1, maximum=65535)
     check_choice("--partition", c.partition, ("kmeans", "label", "none"))
     check_choice("--store-dtype", c.store_dtype, ("float64", "float32"))
     check_number("--gpus-per-tile", c.gpus_per_tile, at_least=0, fix="0 computes MI tiles on CPUs")
@@ -366,59 +367,14 @@ def run_reduce(c: ReduceConfig, out: str, *, address: str | None = None) -> dict
 
 # --------------------------------------------------------------------------- 5. optional attack
 
-def query_target(target, images: np.ndarray, *, batch: int = 256, retries: int = 3,
-                 client: str = "drmi") -> tuple[np.ndarray, list[int]]:
-    """Query the target actor batch by batch; returns (labels, -1 where no answer came; starts of
-    batches whose answer was lost).
-
-    Never spends a query twice: before each batch the target's spent count is read; if the
-    replica dies mid-call, the count read after its restart says whether the batch was counted
-    (then its answer is lost and it is not sent again) or not (then it is sent again).
-    """
-    import ray
-    from ray.exceptions import RayActorError
-
-    from drmi_ray.target import QueryBudgetExceeded
-
-    labels = np.full(len(images), -1, dtype=np.int64)
-    lost = []
+def query_target(client, images: np.ndarray, *, batch: int = 256) -> np.ndarray:
+    """The target's labels for ``images``, asked batch by batch through its HTTP API."""
+    labels = np.empty(len(images), dtype=np.int64)
     for start in range(0, len(images), batch):
-        chunk = images[start:start + batch]
-        for attempt in range(retries + 1):
-            before = _queries_used(target)
-            try:
-                answer = np.asarray(ray.get(target.query.remote(chunk, client=client)))
-                labels[start:start + len(chunk)] = answer if answer.ndim == 1 else answer.argmax(1)
-                break
-            except RayActorError as err:
-                after = _queries_used(target)  # waits for the restarted replica
-                if after >= before + len(chunk):
-                    log(f"query: target replica died after counting images {start}..{start + len(chunk) - 1}; "
-                        f"their answers are lost and they are not sent again ({err.__class__.__name__})")
-                    lost.append(start)
-                    break
-                log(f"query: target replica died before counting batch {start}; sending it again")
-            except QueryBudgetExceeded as err:
-                log(f"query: {err}")
-                lost.append(start)
-                break
-        log(f"query: {min(start + batch, len(images))}/{len(images)} images sent")
-    return labels, lost
-
-
-def _queries_used(target, timeout: float = 120.0) -> int:
-    """The target's spent count; retried while a crashed replica restarts."""
-    import ray
-    from ray.exceptions import RayActorError
-
-    deadline = time.time() + timeout
-    while True:
-        try:
-            return int(ray.get(target.queries_used.remote()))
-        except RayActorError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.2)
+        answer = client.query(images[start:start + batch])
+        labels[start:start + len(answer)] = answer if answer.ndim == 1 else answer.argmax(1)
+        log(f"query: {min(start + batch, len(images))}/{len(images)} images answered")
+    return labels
 
 
 def referee_test(pool: Pool, selected: np.ndarray, c: ReduceConfig, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -468,13 +424,13 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str) -
     """Query the target with the selection, fit a substitute (Ray Train), score it and attack."""
     import dataclasses
 
-    import ray
-
     from drmi_ray import report
     from drmi_ray.baselines import seeded_shuffle
-    from drmi_ray.experiment import fit_and_score, read_json
+    from drmi_ray.client import TargetClient
+    from drmi_ray.experiment import fit_and_score
     from drmi_ray.models import predict
-    from drmi_ray.target import BlackBoxTarget, load_checkpoint, load_classifier
+    from drmi_ray.service import run_target
+    from drmi_ray.target import load_checkpoint, load_classifier
 
     timings = {}
     ckpt = load_checkpoint(c.target)
@@ -484,40 +440,24 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str) -
     images = at_geometry(pool, selected, shape)
     test_images, test_labels = referee_test(pool, selected, c, shape)
 
-    answers_url = f"{out}/answers.json"
-    saved = read_json(answers_url)
-    if saved and saved.get("selected") == result["selected"] and saved.get("target") == c.target:
-        # a rerun: the target already answered (and counted) these queries; never ask twice
-        answers, queries = np.asarray(saved["labels"], dtype=np.int64), int(saved["queries"])
-        log(f"query: reusing the {int((answers >= 0).sum())} answers in {answers_url} (no new queries)")
-    else:
-        local = _is_local(out)
-        audit = os.path.join(out if local else tempfile.mkdtemp(prefix="drmi-reduce-"), "target-audit.jsonl")
-        target = BlackBoxTarget.options(max_restarts=3, max_task_retries=0).remote(
-            c.target, budget=len(images), audit_path=audit)
-        t = time.perf_counter()
+    # The run folder's target: a rerun asks the same batches with the same request ids and gets
+    # the journal's stored answers, charged once.
+    t = time.perf_counter()
+    with run_target(c.target, out, port=c.serve_port) as service:
+        key = service.create_key("drmi-reduce", budget=len(images))
+        client = TargetClient(service.url, key, prefix="drmi-reduce")
         # a seeded shuffle, not the selection's index order (an ImageFolder pool is stored by class)
         order = seeded_shuffle(np.arange(len(images)), c.seed)
         answers = np.empty(len(images), dtype=np.int64)
-        answers[order], lost = query_target(target, images[order], client="drmi-reduce")
-        queries = _queries_used(target)
-        ray.kill(target)
-        timings["queries"] = time.perf_counter() - t
-        report.write_text(answers_url, json.dumps({"target": c.target, "selected": result["selected"],
-                                                   "labels": answers.tolist(), "queries": queries,
-                                                   "lost_batches": lost}))
-        if not local:
-            with open(audit) as f:
-                report.write_text(f"{out}/target-audit.jsonl", f.read())
-    log(f"target answered {int((answers >= 0).sum())} of {len(images)} images; it counted {queries} queries")
-    ok = answers >= 0
-    if ok.sum() < 2:
-        raise ValueError("--target: fewer than 2 answers to train a substitute on")
+        answers[order] = query_target(client, images[order])
+        queries = service.usage("drmi-reduce")["used"]
+    timings["queries"] = time.perf_counter() - t
+    log(f"target answered {len(images)} images; it charged {queries} queries")
 
     t = time.perf_counter()
     train = dataclasses.replace(c.substitute, num_classes=int(ckpt["num_classes"]), seed=c.seed)
     target_labels = predict(load_classifier(c.target), test_images)
-    (scores,) = fit_and_score([(images[ok], answers[ok], train)], c.target, test_images, test_labels,
+    (scores,) = fit_and_score([(images, answers, train)], c.target, test_images, test_labels,
                               target_labels, c, storage_path=f"{out}/train")
     timings["substitute training, evaluation and PGD transfer"] = time.perf_counter() - t
     rows = [{"method": "drmi", "budget": len(images), "seed": c.seed, "queries": int(queries),
@@ -532,10 +472,3 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str) -
     log(f"substitute {c.substitute.model}: accuracy {scores['accuracy']:.3f}, fidelity {scores['fidelity']:.3f}, "
         f"transfer rate {scores['transfer_rate']:.3f}")
     return rows
-
-
-def _is_local(url: str) -> bool:
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fsspec.core.url_to_fs(url)[0], LocalFileSystem)

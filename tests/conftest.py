@@ -8,6 +8,15 @@ import numpy as np
 import pytest
 
 
+def start_local_ray():
+    """The local Ray instance the session shares (started on first use)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
 @pytest.fixture
 def ray_local():
     """A local Ray instance shared by the whole session (started on first use).
@@ -15,11 +24,18 @@ def ray_local():
     Tests that need their own cluster (ray.cluster_utils.Cluster) shut it down first;
     the next test that asks for this fixture starts it again.
     """
-    import ray
+    yield start_local_ray()
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
+
+@pytest.fixture(scope="session")
+def serve_port():
+    """A free port for Ray Serve's HTTP proxy on 127.0.0.1 (the first test serving a target starts
+    Serve there; Serve keeps it for the rest of the Ray session)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

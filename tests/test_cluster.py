@@ -9,7 +9,6 @@ local Ray (conftest's ``ray_local``) down first and shuts itself down at the end
 this module start ``ray_local`` again.
 """
 
-import json
 import os
 import signal
 import threading
@@ -426,89 +425,3 @@ def test_optimizer_actor_killed_mid_search_gives_the_same_selection(cluster, poo
     np.testing.assert_array_equal(faulty.indices, clean.indices)
     assert faulty.objective == pytest.approx(clean.objective, abs=1e-9)
     assert faulty.objective == pytest.approx(objective(clean_matrix, faulty.indices), rel=1e-12)
-
-
-# --------------------------------------------------------------------------- target replicas
-
-@pytest.fixture(scope="module")
-def target_checkpoint(tmp_path_factory):
-    """An untrained LeNet-5 target: budgets and restarts do not depend on what it answers."""
-    import torch
-
-    from drmi_ray.models import build_model
-    from drmi_ray.target import save_classifier
-
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("target") / "target.pt")
-    save_classifier(build_model("lenet5"), path, name="lenet5", in_channels=1, num_classes=10, image_size=28)
-    return path
-
-
-def test_target_replica_killed_mid_run_never_spends_twice(cluster, pool, target_checkpoint, tmp_path):
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from drmi_ray.reduce import query_target
-    from drmi_ray.target import BlackBoxTarget, QueryBudgetExceeded, TargetService
-
-    ensure_workers(cluster)
-    node = worker_nodes(cluster)[0]
-    audit = str(tmp_path / "audit.jsonl")
-    budget, batch = 60, 10
-    images = pool[:budget]
-    target = BlackBoxTarget.options(
-        max_restarts=2, max_task_retries=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=True),
-    ).remote(target_checkpoint, budget=budget, rate_limit=40.0, audit_path=audit)
-    ray.get(target.info.remote())
-
-    killed = []
-
-    def crash():  # kill the replica while a batch is being answered (its rate limit holds it ~0.25 s)
-        while len([r for r in _records(audit) if r["accepted"]]) < 3:
-            time.sleep(0.01)
-        ray.kill(target, no_restart=False)
-        killed.append(time.time())
-
-    killer = threading.Thread(target=crash)
-    killer.start()
-    labels, lost = query_target(target, images, batch=batch)
-    killer.join()
-    assert killed
-
-    used = ray.get(target.queries_used.remote())  # the restarted replica replayed the audit log
-    accepted = [r for r in _records(audit) if r["accepted"]]
-    assert used == sum(r["n"] for r in accepted) <= budget
-    answered = int((labels >= 0).sum())
-    # every counted image was answered once, or lost once to the crash: nothing was counted twice
-    assert answered + batch * len(lost) == used
-    assert len(lost) <= 1
-
-    # asking again for an answer lost to the crash is refused if it would pass the budget
-    if used + batch > budget:
-        with pytest.raises(QueryBudgetExceeded):
-            ray.get(target.query.remote(images[:batch]))
-    assert ray.get(target.queries_used.remote()) == used
-
-    # a fresh replica on the same audit log (here the plain class) starts from the spent count
-    ray.kill(target, no_restart=True)
-    replica = TargetService(target_checkpoint, budget=budget, audit_path=audit)
-    assert replica.queries_used() == used
-    if budget - used:
-        replica.query(images[: budget - used])
-    with pytest.raises(QueryBudgetExceeded):
-        replica.query(images[:1])
-    assert replica.queries_used() == budget
-
-
-def _records(path):
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out

@@ -104,7 +104,9 @@ def test_torch_kernel_equals_cpu_kernel_bit_for_bit(digits, bins, method):
     cpu = joint_sums_cpu(a, b, bins)
     # tiny chunks so the row and the column chunking are both exercised
     assert np.array_equal(joint_sums_torch(a, b, bins, device="cpu", method=method, max_elements=4000), cpu)
-    assert np.array_equal(joint_sums_torch(a, None, bins, device="cpu", method=method), joint_sums_cpu(a, None, bins))
+    sym = joint_sums_cpu(a, None, bins)  # symmetric: whole rows, then chunks of 5 columns from the diagonal on
+    assert np.array_equal(joint_sums_torch(a, None, bins, device="cpu", method=method), sym)
+    assert np.array_equal(joint_sums_torch(a, None, bins, device="cpu", method=method, max_elements=4000), sym)
     images = digits[0][:25]
     assert np.array_equal(pairwise_mi_torch(images, bins=bins, device="cpu"), pairwise_mi(images, bins=bins))
 
@@ -120,15 +122,30 @@ def test_gpu_kernel_equals_cpu_kernel(digits):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    images = digits[0][:400]
-    for bins in (256, 64, 16):
+    images = digits[0][:400].copy()
+    images[7] = 0  # all background
+    images[8] = 200  # constant, no background
+    images[9] = images[10]  # an exact duplicate
+    for bins in (256, 64, 16, 7):
         assert np.array_equal(pairwise_mi_torch(images, bins=bins, device="cuda"), pairwise_mi(images, bins=bins))
-    codes = to_codes(images)
-    for method in ("sort", "sort-search", "triton", "onehot"):
-        got = joint_sums_torch(codes[:150], codes[150:], 256, device="cuda", method=method)
-        assert np.array_equal(got, joint_sums_cpu(codes[:150], codes[150:], 256)), method
-    rgb = np.random.default_rng(1).integers(0, 256, size=(50, 32, 32, 3), dtype=np.uint8)
-    assert np.array_equal(pairwise_mi_torch(rgb, device="cuda"), pairwise_mi(rgb))
+    methods = ("triton", "triton-sort", "sort", "sort-search", "onehot")
+    for bins in (256, 7):
+        codes = to_codes(images, bins=bins)
+        for a, b in ((codes[:150], codes[150:]), (codes[:300], None)):
+            cpu = joint_sums_cpu(a, b, bins)
+            for method in methods:
+                assert np.array_equal(joint_sums_torch(a, b, bins, device="cuda", method=method), cpu), (bins, method)
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, size=(50, 32, 32, 3), dtype=np.uint8)
+    rgb[:10, :16] = 0  # some background
+    big = np.pad(np.kron(digits[0][:60], np.ones((1, 2, 2), np.uint8)), ((0, 0), (4, 4), (4, 4)))  # 64×64
+    for pool in (rgb, big):
+        codes = to_codes(pool)
+        for a, b in ((codes[:20], codes[20:]), (codes, None)):
+            cpu = joint_sums_cpu(a, b, 256)
+            for method in ("triton", "triton-sort"):
+                assert np.array_equal(joint_sums_torch(a, b, 256, device="cuda", method=method), cpu), method
+        assert np.array_equal(pairwise_mi_torch(pool, device="cuda"), pairwise_mi(pool))
 
 
 @pytest.mark.parametrize("bad,err,match", [
@@ -169,20 +186,104 @@ def test_mismatched_pools_and_channels_are_refused():
         pairwise_mi(np.zeros((2, 4, 4), np.uint8), np.zeros((2, 4, 4), np.float64))
 
 
-@pytest.mark.heavy
-def test_triton_kernel_in_the_interpreter(digits):
-    """The Triton kernel's logic on CPU (TRITON_INTERPRET=1; minutes, hence heavy)."""
+# The Triton kernels run in Triton's CPU interpreter, in a subprocess (TRITON_INTERPRET is read when
+# triton is imported). The interpreter plays tl.sort's bitonic network element by element in Python
+# (seconds per 256 keys), so FAST_SORT swaps in numpy's sort: the kernel's own logic (masks, gathers,
+# scan, histogram, the zero cell, the pairs it skips) is still what runs; the heavy test keeps tl.sort.
+INTERPRETER_CHECKS = r"""
+import sys
+import numpy as np
+import triton.language as tl
+if FAST_SORT:
+    from triton.runtime.interpreter import TensorHandle
+    tl.sort = lambda x, dim=None, descending=False: tl.core.tensor(
+        TensorHandle(np.sort(x.handle.data), x.handle.dtype), x.type)
+import torch
+from drmi_ray.mi import (_joint_sums_triton, clogc_table, joint_sums_cpu, joint_sums_torch, to_codes)
+
+def check(name, a, b, bins, method="triton"):
+    got = joint_sums_torch(a, b, bins, device="cpu", method=method)
+    assert np.array_equal(got, joint_sums_cpu(a, b, bins)), name
+    print("ok", name, a.shape, None if b is None else b.shape, bins, method, flush=True)
+
+def check_upper_only(name, codes, bins):
+    # a block with itself: the kernel writes exactly the pairs j > i, nothing on or below the diagonal
+    a = torch.as_tensor(codes)
+    table = torch.as_tensor(clogc_table(codes.shape[1]))
+    out = torch.zeros((len(a), len(a)), dtype=torch.int64)
+    _joint_sums_triton(a, None, bins, table, torch.diff(table, prepend=table[:1]), out)
+    upper = np.triu(joint_sums_cpu(codes, None, bins), 1)
+    assert np.array_equal(out.numpy(), upper), name
+    print("ok", name, "upper triangle only", flush=True)
+"""
+
+
+def run_in_interpreter(checks, tmp_path, fast_sort, **arrays):
+    """Run INTERPRETER_CHECKS + checks with TRITON_INTERPRET=1; arrays are saved and loaded by name."""
     pytest.importorskip("triton")
+    import os
     import subprocess
     import sys
 
-    np.save("/tmp/_mi_triton_codes.npy", to_codes(digits[0][:9]))
-    code = (
-        "import numpy as np; from drmi_ray.mi import joint_sums_torch, joint_sums_cpu;"
-        "c = np.load('/tmp/_mi_triton_codes.npy');"
-        "assert np.array_equal(joint_sums_torch(c[:3], c[3:], 256, device='cpu', method='triton'),"
-        " joint_sums_cpu(c[:3], c[3:], 256))"
-    )
-    import os
+    for name, x in arrays.items():
+        np.save(tmp_path / f"{name}.npy", x)
+    load = "".join(f"{name} = np.load({str(tmp_path / (name + '.npy'))!r})\n" for name in arrays)
+    code = f"FAST_SORT = {fast_sort}\n" + INTERPRETER_CHECKS + load + checks
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return done.stdout
 
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+
+def test_triton_kernel_in_the_interpreter(digits, tmp_path):
+    """Bit-identical to the CPU kernel: rectangular and self blocks, 256 and 7 levels, duplicates,
+    an all-zero and a constant image (the zero cell alone / no zero cell at all), a wide dense b."""
+    x = digits[0][:8].copy()
+    x[5] = x[4]  # an exact duplicate
+    odd = np.stack([np.zeros((28, 28), np.uint8), np.full((28, 28), 200, np.uint8), x[0], x[1]])
+    wide = np.random.default_rng(3).integers(1, 256, size=(4, 5000), dtype=np.uint8)
+    wide[:2] *= np.random.default_rng(4).random((2, 5000)) < 0.04
+    out = run_in_interpreter("""
+c = to_codes(x)
+check("digits, rectangular", c[:2], c[2:5], 256)
+check("digits with a duplicate, self block", c[3:7], None, 256)
+check_upper_only("digits", c[:5], 256)
+c7 = to_codes(x, bins=7)
+check("digits, 7 levels", c7[:2], c7[2:4], 7)
+check("zero and constant images, self block", to_codes(odd), None, 256)
+check("zero and constant images, 7 levels", to_codes(odd, bins=7)[:2], to_codes(odd, bins=7)[2:], 7)
+check("sparse a, b with 5000 non-zero positions (scanned in chunks)", wide[:2], wide[2:], 256)
+""", tmp_path, True, x=x, odd=odd, wide=wide)
+    assert out.count("ok ") == 7
+
+
+@pytest.mark.heavy
+def test_triton_kernels_in_the_interpreter_big_images_and_real_sort(digits, tmp_path):
+    """Minutes: Triton's own tl.sort in the interpreter (both kernels), colour 32×32×3 flattened
+    and 64×64 grey (d = 4096, the largest sort)."""
+    rng = np.random.default_rng(2)
+    x = digits[0][:3]
+    rgb = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    rgb[0, :10] = 0  # some background, so the three parts of the joint histogram all occur
+    big = np.kron(digits[0][10:13], np.ones((1, 2, 2), np.uint8))[:, :64, :64]  # 56×56 digits, padded
+    big = np.pad(big, ((0, 0), (4, 4), (4, 4)))
+    out = run_in_interpreter("""
+check("digits, tl.sort", to_codes(x)[:1], to_codes(x)[1:], 256)
+check("digits, tl.sort", to_codes(x)[:1], to_codes(x)[1:], 256, method="triton-sort")
+""", tmp_path, False, x=x)
+    assert out.count("ok ") == 2
+    out = run_in_interpreter("""
+check("colour 32x32x3 flattened", to_codes(rgb)[:1], to_codes(rgb)[1:], 256)
+check("colour 32x32x3 flattened, self block", to_codes(rgb), None, 256)
+check("grey 64x64", to_codes(big)[:1], to_codes(big)[1:], 256)
+check("grey 64x64, 16 levels", to_codes(big, bins=16), None, 16)
+""", tmp_path, True, rgb=rgb, big=big)
+    assert out.count("ok ") == 4
+
+
+def test_triton_refuses_images_it_cannot_sort():
+    pytest.importorskip("triton")
+    dense = np.ones((2, 5000), np.uint8)
+    for method in ("triton", "triton-sort"):
+        with pytest.raises(ValueError, match="more than 4096"):
+            joint_sums_torch(dense, None, 256, device="cpu", method=method)

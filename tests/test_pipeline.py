@@ -7,6 +7,7 @@ import pytest
 from drmi_ray.cli import main
 from drmi_ray.config import ExperimentConfig, PoolConfig, SelectionConfig
 from drmi_ray.experiment import check_config, run_experiment
+from drmi_ray.ledger import read_journal
 
 
 def small_config(**selection) -> ExperimentConfig:
@@ -34,12 +35,14 @@ def test_bad_configs_are_refused_before_any_work(change, match):
         check_config(small_config(**change))
 
 
-def test_full_pipeline_small_pool(tmp_path, ray_local):
+def test_full_pipeline_small_pool(tmp_path, ray_local, serve_port):
     out = tmp_path / "run"
-    rows = run_experiment(small_config(), str(out))
+    config = small_config()
+    config.target.port = serve_port
+    rows = run_experiment(config, str(out))
     assert {(r["method"], r["budget"]) for r in rows} == {(m, b) for m in ("drmi", "random") for b in (20, 60)}
     for row in rows:
-        assert row["queries"] == row["budget"]  # counted by the target actor, not by us
+        assert row["queries"] == row["budget"]  # charged by the target's ledger, not counted by us
         assert 0.2 < row["accuracy"] <= 1 and 0.2 < row["fidelity"] <= 1  # learned well above chance (0.1)
         assert 0 <= row["transfer_rate"] <= 1
         assert row["prada_flagged_at"] is None or 100 < row["prada_flagged_at"] <= row["budget"]
@@ -49,10 +52,16 @@ def test_full_pipeline_small_pool(tmp_path, ray_local):
     assert "| 60 |" in report and "drmi" in report and "random" in report and "PRADA" in report
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "results.csv").read_text().startswith("method,budget,seed,queries")
-    assert ExperimentConfig.load(str(out / "config.json")) == small_config()
-    # every query is in the audit log, one file per cell
-    audit = [json.loads(line) for line in (out / "audit" / "drmi-60-0.jsonl").read_text().splitlines()]
-    assert sum(entry["n"] for entry in audit if entry.get("accepted", True)) == 60
+    assert ExperimentConfig.load(str(out / "config.json")) == config
+    # every paid query is in the run's target journal, under its cell's key
+    journal = read_journal(str(out / "target" / "journal.jsonl"))
+    for row in rows:
+        name = f"{row['method']}-{row['budget']}-{row['seed']}"
+        assert sum(r["n"] for r in journal if r["type"] == "answer" and r["key"] == name) == row["budget"]
+    # a rerun with another rate limit would change its keys: refused before any work
+    config.target.rate_limit = 5.0
+    with pytest.raises(ValueError, match="other settings"):
+        run_experiment(config, str(out))
 
 
 def test_cli_refuses_bad_budget_in_one_line(tmp_path, capsys):

@@ -8,7 +8,7 @@ from scipy import stats
 
 from drmi_ray.baselines import acquire
 from drmi_ray.models import TrainConfig, predict, predict_proba, train_classifier
-from drmi_ray.prada import PradaDetector, PradaMonitor, round_probs, top1
+from drmi_ray.prada import PradaDetector, round_probs, top1
 
 FAST = TrainConfig(model="lenet5", epochs=15, min_steps=0, batch_size=32)
 
@@ -116,17 +116,6 @@ def test_flag_is_sticky_and_state_is_plain_data():
     state = det.state()
     json.dumps(state)
     assert state["flagged"] and state["flagged_at"] == 110 and state["queries"] == 130
-
-
-def test_monitor_keeps_one_detector_per_client(jbda_stream, world):
-    images, labels = jbda_stream
-    pool = world[1]
-    monitor = PradaMonitor(delta=0.95)
-    monitor.observe("attacker", images, labels)
-    monitor.observe("honest", pool[:160], predict(world[0], pool[:160]))
-    state = monitor.state()
-    assert state["attacker"]["flagged"] and not state["honest"]["flagged"]
-    assert state["attacker"]["queries"] == state["honest"]["queries"] == 160
 
 
 @pytest.mark.parametrize("args, match", [

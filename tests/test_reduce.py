@@ -239,43 +239,47 @@ def target_ckpt(digits, tmp_path_factory):
     return ckpt
 
 
-def attack_argv(image_folder, out, ckpt, substitute):
+def attack_argv(image_folder, out, ckpt, substitute, port):
     return ["reduce", "--data", str(image_folder), "--budget", "20", "--out", str(out), "--size", "20",
+            "--serve-port", str(port),
             "--tile-size", "16", "--target", ckpt, "--substitute", substitute,
             "--epochs", "1", "--min-steps", "4", "--test-size", "40", "--pgd-steps", "3",
             "--substitute-workers", "0"]  # Train V2 local mode: real Ray Train workers are tested in test_substitute
 
 
-def test_optional_attack_stage(ray_local, image_folder, target_ckpt, tmp_path):
-    """--target: query the target actor with the selection, fit a substitute, attack; a rerun
-    reuses the saved answers and never asks the target again."""
+def test_optional_attack_stage(ray_local, image_folder, target_ckpt, tmp_path, serve_port):
+    """--target: serve the target, query it with the selection over HTTP, fit a substitute,
+    attack; a rerun gets the journal's stored answers and is charged nothing more."""
+    from drmi_ray.ledger import read_journal
+
     out = tmp_path / "run"
-    argv = attack_argv(image_folder, out, target_ckpt, "lenet5")
+    argv = attack_argv(image_folder, out, target_ckpt, "lenet5", serve_port)
     assert main(argv) == 0
     (row,) = read_json(out / "results.json")
     assert row["queries"] == 20 and row["budget"] == 20 and row["substitute"] == "lenet5"
     for metric in ("accuracy", "fidelity", "transfer_rate"):
         assert 0.0 <= row[metric] <= 1.0
-    audit = [json.loads(line) for line in open(out / "target-audit.jsonl")]
-    assert sum(r["n"] for r in audit if r["accepted"]) == 20
+    journal = out / "target" / "journal.jsonl"
+    assert sum(r["n"] for r in read_journal(str(journal)) if r["type"] == "answer") == 20
     assert os.path.exists(out / "report.md")
     # the substitute's weights came back as a Ray Train checkpoint in the run folder
-    (weights,) = (out / "train").glob("*/checkpoint_final/model.pt")
+    (weights,) = (out / "train").glob("*/checkpoint_final/model-0.pt")
     assert weights.stat().st_size > 0
 
-    # a rerun reuses the saved answers: the target is not asked (or charged) again
+    # a rerun asks again with the same request ids: stored answers, nothing new in the journal
+    before = journal.read_bytes()
     assert main(argv) == 0
-    assert [json.loads(line) for line in open(out / "target-audit.jsonl")] == audit
+    assert journal.read_bytes() == before
     assert read_json(out / "results.json")[0]["queries"] == 20
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("substitute", ["resnet18", "inception_v3"])
 def test_optional_attack_stage_torchvision_substitutes(ray_local, image_folder, target_ckpt,
-                                                       tmp_path, substitute):
+                                                       tmp_path, substitute, serve_port):
     """The torchvision substitutes (random init) through the same path (≈ 1.5 min each on 2 cores)."""
     out = tmp_path / "run"
-    assert main(attack_argv(image_folder, out, target_ckpt, substitute)) == 0
+    assert main(attack_argv(image_folder, out, target_ckpt, substitute, serve_port)) == 0
     (row,) = read_json(out / "results.json")
     assert row["queries"] == 20 and row["substitute"] == substitute
 

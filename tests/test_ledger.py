@@ -1,0 +1,217 @@
+"""The target's ledger without Ray or HTTP: exact budgets, idempotent request ids, the journal's
+crash rules (a torn tail is cut at any byte, a damaged middle refuses to start), PRADA rebuilt."""
+
+import os
+import threading
+
+import pytest
+
+from drmi_ray.ledger import (JournalCorrupt, Ledger, Refused, api_key, check_key_settings, images_digest, key_name,
+                             new_operator_key, read_journal)
+
+SERVICE = {"checkpoint_sha256": "ab" * 32, "output": "label", "decimals": None}
+
+
+@pytest.fixture
+def operator():
+    return new_operator_key()
+
+
+def ask(ledger, name, rid, images, labels=None):
+    """One request as the gateway makes it: begin, then commit the model's answer."""
+    digest = images_digest(images)
+    status, stored = ledger.begin(name, rid, len(images), digest)
+    if status == "stored":
+        return stored
+    labels = list(range(len(images))) if labels is None else labels
+    return ledger.commit(name, rid, digest, labels, labels, images)
+
+
+def test_budget_is_exact_and_a_batch_over_it_is_refused_whole(tmp_path, operator, digits):
+    ledger = Ledger(str(tmp_path / "j.jsonl"), operator, SERVICE)
+    ledger.create_key("a", budget=10)
+    assert ask(ledger, "a", "r0", digits[0][:4]) == [0, 1, 2, 3]
+    with pytest.raises(Refused) as e:
+        ask(ledger, "a", "r1", digits[0][:7])  # 4 + 7 > 10: refused whole
+    assert e.value.status == 402 and "only 6 of the budget of 10 left" in e.value.message
+    ask(ledger, "a", "r1", digits[0][:6])
+    assert ledger.usage("a")["used"] == 10
+    with pytest.raises(Refused, match="only 0"):
+        ask(ledger, "a", "r2", digits[0][:1])
+    assert [r["n"] for r in read_journal(str(tmp_path / "j.jsonl")) if r["type"] == "answer"] == [4, 6]
+
+
+def test_zero_budget_refuses_everything(tmp_path, operator, digits):
+    ledger = Ledger(str(tmp_path / "j.jsonl"), operator, SERVICE)
+    ledger.create_key("z", budget=0)
+    with pytest.raises(Refused, match="budget of 0"):
+        ask(ledger, "z", "r0", digits[0][:1])
+    assert ledger.usage("z")["used"] == 0
+
+
+def test_a_retried_request_id_returns_the_stored_answer_and_charges_once(tmp_path, operator, digits):
+    ledger = Ledger(str(tmp_path / "j.jsonl"), operator, SERVICE)
+    ledger.create_key("a", budget=5)
+    first = ask(ledger, "a", "r0", digits[0][:5], labels=[7, 7, 1, 2, 3])
+    again = ask(ledger, "a", "r0", digits[0][:5], labels=[0, 0, 0, 0, 0])  # labels unused: stored
+    assert first == again == [7, 7, 1, 2, 3] and ledger.usage("a")["used"] == 5
+    with pytest.raises(Refused) as e:  # the same id for other images
+        ask(ledger, "a", "r0", digits[0][1:6])
+    assert e.value.status == 409
+    # a commit that arrives twice (the gateway retried after a lost reply) is charged once
+    digest = images_digest(digits[0][:5])
+    assert ledger.commit("a", "r0", digest, [1] * 5, [1] * 5, digits[0][:5]) == [7, 7, 1, 2, 3]
+    assert ledger.usage("a")["used"] == 5
+
+
+def test_a_released_reservation_charges_nothing(tmp_path, operator, digits):
+    ledger = Ledger(str(tmp_path / "j.jsonl"), operator, SERVICE)
+    ledger.create_key("a", budget=5)
+    assert ledger.begin("a", "r0", 5, images_digest(digits[0][:5]))[0] == "go"
+    assert ledger.usage("a")["reserved"] == 5
+    with pytest.raises(Refused, match="only 0"):  # reserved counts against the budget
+        ledger.begin("a", "r1", 1, images_digest(digits[0][:1]))
+    ledger.release("a", "r0")  # the model replica died: nothing charged
+    assert ledger.usage("a")["used"] == 0 and ledger.usage("a")["reserved"] == 0
+    assert ask(ledger, "a", "r0", digits[0][:5]) == [0, 1, 2, 3, 4]
+
+
+def test_a_commit_whose_reservation_was_lost_in_a_restart_cannot_pass_the_budget(tmp_path, operator, digits):
+    path = str(tmp_path / "j.jsonl")
+    ledger = Ledger(path, operator, SERVICE)
+    ledger.create_key("a", budget=10)
+    a, b = digits[0][:10], digits[0][10:20]
+    assert ledger.begin("a", "A", 10, images_digest(a))[0] == "go"
+    ledger.close()  # the ledger dies with A reserved and not committed
+    ledger = Ledger(path, operator, SERVICE)
+    ask(ledger, "a", "B", b)  # the restarted ledger lets B have the budget
+    with pytest.raises(Refused) as e:  # A's late commit (Serve retried it) is checked again
+        ledger.commit("a", "A", images_digest(a), [0] * 10, [0] * 10, a)
+    assert e.value.status == 402 and ledger.usage("a")["used"] == 10
+
+
+def test_concurrent_callers_never_pass_the_budget(tmp_path, operator, digits):
+    ledger = Ledger(str(tmp_path / "j.jsonl"), operator, SERVICE)
+    ledger.create_key("a", budget=157)
+    answered = []
+
+    def caller(k):
+        for i in range(40):
+            try:
+                answered.append(len(ask(ledger, "a", f"c{k}-{i}", digits[0][: 1 + (k + i) % 5])))
+            except Refused as e:
+                assert e.status == 402
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    journal = [r["n"] for r in read_journal(str(tmp_path / "j.jsonl")) if r["type"] == "answer"]
+    assert sum(answered) == ledger.usage("a")["used"] == sum(journal) == 157
+
+
+def test_rate_limit_refuses_with_the_wait_until_the_debt_is_paid(tmp_path, operator, digits):
+    ledger = Ledger(str(tmp_path / "j.jsonl"), operator, SERVICE)
+    ledger.create_key("a", budget=1000, rate_limit=100.0, burst=1.0)
+    ask(ledger, "a", "r0", digits[0][:50])  # the bucket goes 49 images into debt
+    with pytest.raises(Refused) as e:
+        ask(ledger, "a", "r1", digits[0][:1])
+    assert e.value.status == 429 and 0.3 < e.value.retry_after <= 0.5
+    assert ledger.usage("a")["used"] == 50
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(budget=True), "budget"), (dict(budget=-1), "budget"), (dict(budget=2.5), "budget"),
+    (dict(budget=5, rate_limit=0), "rate_limit"), (dict(budget=5, rate_limit=float("inf")), "rate_limit"),
+    (dict(budget=5, rate_limit=10, burst=float("inf")), "burst"), (dict(budget=5, burst=0), "burst"),
+    (dict(budget=5, prada_delta=1.5), "prada_delta"),
+])
+def test_bad_key_settings_are_refused_before_anything_is_written(tmp_path, operator, settings, match):
+    with pytest.raises(ValueError, match=match):
+        check_key_settings(**settings)
+    ledger = Ledger(str(tmp_path / "j.jsonl"), operator, SERVICE)
+    with pytest.raises(ValueError, match=match):
+        ledger.create_key("a", **settings)
+    assert [r["type"] for r in read_journal(str(tmp_path / "j.jsonl"))] == ["service"]
+
+
+def test_keys_are_macs_of_their_names(tmp_path, operator):
+    ledger = Ledger(str(tmp_path / "j.jsonl"), operator, SERVICE)
+    key = ledger.create_key("cell-1", budget=3)
+    assert key == api_key(operator, "cell-1") and key_name(operator, key) == "cell-1"
+    assert ledger.create_key("cell-1", budget=3) == key  # same name and settings: same key
+    with pytest.raises(Refused) as e:
+        ledger.create_key("cell-1", budget=4)
+    assert e.value.status == 409
+    forged = key[:-1] + ("0" if key[-1] != "0" else "1")
+    for bad in ("", "drk.cell-1", forged, api_key(new_operator_key(), "cell-1")):
+        with pytest.raises(Refused) as e:
+            ledger.authenticate(bad)
+        assert e.value.status == 401
+    with pytest.raises(Refused, match="unknown"):
+        ledger.authenticate(api_key(operator, "nobody"))
+
+
+def test_journal_cut_at_every_byte_of_its_last_record_replays_to_the_right_count(tmp_path, operator, digits):
+    path = str(tmp_path / "j.jsonl")
+    ledger = Ledger(path, operator, SERVICE)
+    ledger.create_key("a", budget=100)
+    ask(ledger, "a", "r0", digits[0][:3])
+    ask(ledger, "a", "r1", digits[0][:4])
+    ledger.close()
+    data = open(path, "rb").read()
+    last_start = data.rindex(b"\n", 0, len(data) - 1) + 1
+    for cut in range(last_start, len(data) + 1):
+        with open(path, "wb") as f:
+            f.write(data[:cut])
+        ledger = Ledger(path, operator, SERVICE)
+        whole = cut == len(data)
+        assert ledger.usage("a")["used"] == (7 if whole else 3), cut
+        assert os.path.getsize(path) == (len(data) if whole else last_start), cut  # the torn tail is cut off
+        ask(ledger, "a", "r1", digits[0][:4])  # the client's retry: charged once in every case
+        assert ledger.usage("a")["used"] == 7
+        ledger.close()
+        assert sum(r["n"] for r in read_journal(path) if r["type"] == "answer") == 7
+
+
+def test_a_damaged_record_before_the_end_refuses_to_start_naming_file_and_line(tmp_path, operator, digits):
+    path = str(tmp_path / "j.jsonl")
+    ledger = Ledger(path, operator, SERVICE)
+    ledger.create_key("a", budget=100)
+    for i in range(3):
+        ask(ledger, "a", f"r{i}", digits[0][:2])
+    ledger.close()
+    lines = open(path, "rb").read().split(b"\n")
+    lines[2] = lines[2].replace(b'"n":2', b'"n":0')  # the checksum no longer matches
+    open(path, "wb").write(b"\n".join(lines))
+    with pytest.raises(JournalCorrupt, match=f"{path} line 3: damaged record"):
+        Ledger(path, operator, SERVICE)
+    assert open(path, "rb").read() == b"\n".join(lines)  # nothing cut or rewritten
+
+
+def test_a_journal_is_refused_for_another_target_and_while_another_ledger_holds_it(tmp_path, operator):
+    path = str(tmp_path / "j.jsonl")
+    ledger = Ledger(path, operator, SERVICE)
+    with pytest.raises(RuntimeError, match="in use by another running service"):
+        Ledger(path, operator, SERVICE)
+    ledger.close()
+    with pytest.raises(ValueError, match="written for another target"):
+        Ledger(path, operator, {**SERVICE, "checkpoint_sha256": "cd" * 32})
+
+
+def test_prada_is_per_key_and_rebuilt_from_the_journal(tmp_path, operator, digits):
+    images = digits[0]
+    path = str(tmp_path / "j.jsonl")
+    ledger = Ledger(path, operator, SERVICE)
+    ledger.create_key("watched", budget=500, prada_delta=0.95)
+    ledger.create_key("other", budget=500, prada_delta=0.95)
+    for i in range(0, 300, 20):
+        ask(ledger, "watched", f"r{i}", images[i:i + 20], labels=digits[1][i:i + 20].tolist())
+    ask(ledger, "other", "r0", images[:5], labels=digits[1][:5].tolist())
+    before = ledger.prada_state("watched")
+    assert before["queries"] == 300 and before["distances"] > 100 and ledger.prada_state("other")["queries"] == 5
+    ledger.close()
+    again = Ledger(path, operator, SERVICE)
+    assert again.prada_state("watched") == before
+    assert again.usage("watched")["prada_flagged_at"] == before["flagged_at"]

@@ -1,0 +1,313 @@
+"""The target as an HTTP service (Ray Serve on 127.0.0.1): exact budgets under 100 concurrent
+clients, replicas and the ledger killed mid-batch, what an attacker's key can reach, bad
+requests, the rate limit, and the client against a second, minimal OIP server."""
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from conftest import start_local_ray
+from drmi_ray.client import QueryBudgetExceeded, TargetClient, TargetError
+from drmi_ray.ledger import read_journal
+from drmi_ray.models import TrainConfig, build_model, predict
+from drmi_ray.service import start_target, stop_target
+from drmi_ray.target import load_classifier, save_classifier, train_target
+
+
+@pytest.fixture(scope="module")
+def served(digits, serve_port, tmp_path_factory):
+    """A LeNet-5 target trained on 1,000 digits, served with its journal in a temp folder."""
+    start_local_ray()
+    folder = tmp_path_factory.mktemp("served")
+    checkpoint = str(folder / "target.pt")
+    train_target(digits[0][:1000], digits[1][:1000], checkpoint, config=TrainConfig(model="lenet5", epochs=2))
+    service = start_target(checkpoint, str(folder / "journal.jsonl"), port=serve_port, app="served")
+    yield service, checkpoint, str(folder / "journal.jsonl")
+    stop_target(service)
+
+
+def raw(url, key=None, *, method="GET", body=None, headers=None):
+    """(status, parsed body, headers) of one request, without the client's retries; status 0
+    when the connection dropped."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        try:
+            return e.code, json.loads(body or b"{}"), e.headers
+        except ValueError:  # not our JSON: e.g. Serve's own 500 page
+            return e.code, {"error": body.decode(errors="replace")}, e.headers
+    except (urllib.error.URLError, ConnectionError):
+        return 0, {}, {}
+
+
+def infer_body(images, rid="r"):
+    return {"id": rid, "inputs": [{"name": "images", "datatype": "UINT8", "shape": list(images.shape),
+                                   "data": images.reshape(-1).tolist()}]}
+
+
+def paid(journal, key):
+    return [r for r in read_journal(journal) if r["type"] == "answer" and r["key"] == key]
+
+
+def test_answers_are_the_models_labels_and_metadata_says_the_input(served, digits):
+    service, checkpoint, _ = served
+    client = TargetClient(service.url, service.create_key("plain", budget=50), prefix="plain")
+    images = digits[0][4000:4040]
+    assert client.metadata()["inputs"][0] == {"name": "images", "datatype": "UINT8", "shape": [-1, 28, 28]}
+    labels = client.query(images)
+    np.testing.assert_array_equal(labels, predict(load_classifier(checkpoint), images))
+    assert labels.dtype == np.int64 and service.usage("plain")["used"] == 40
+
+
+def test_100_threads_on_one_key_get_exactly_its_budget(served, digits):
+    service, _, journal = served
+    key = service.create_key("shared", budget=300)
+    answered = [0] * 100
+
+    def caller(k):
+        client = TargetClient(service.url, key, prefix=f"t{k}")
+        size = 1 + k % 5
+        while True:
+            try:
+                answered[k] += len(client.query(digits[0][:size]))
+            except QueryBudgetExceeded:
+                return
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    assert sum(answered) == service.usage("shared")["used"] == sum(r["n"] for r in paid(journal, "shared")) == 300
+
+
+def test_100_ray_tasks_with_100_keys_each_get_exactly_their_own_budget(served, digits):
+    ray = start_local_ray()
+    service, _, journal = served
+    budgets = {f"task-{k}": 3 + k % 5 for k in range(100)}
+    keys = {name: service.create_key(name, budget=b) for name, b in budgets.items()}
+
+    @ray.remote(num_cpus=0.01)
+    def spend(url, key, images):
+        client, answered = TargetClient(url, key, prefix="s"), 0
+        while True:
+            try:
+                answered += len(client.query(images))
+            except QueryBudgetExceeded:
+                return answered
+
+    images = ray.put(digits[0][:2])  # 2 per request: an odd budget ends with one image left unasked
+    got = ray.get([spend.remote(service.url, keys[name], images) for name in budgets], timeout=300)
+    for (name, budget), answered in zip(budgets.items(), got):
+        assert answered == budget - budget % 2
+        assert service.usage(name)["used"] == sum(r["n"] for r in paid(journal, name)) == answered
+
+
+def test_an_attackers_key_reaches_no_weights_journal_or_prada_state(served):
+    service, _, _ = served
+    key = service.create_key("nosy", budget=5, prada_delta=0.95)
+    base = service.url
+    for path in ("/v2/operator/audit", "/v2/operator/keys", "/v2/operator/keys/nosy", "/v2/operator/keys/nosy/prada"):
+        assert raw(base + path, key)[0] == 403, path
+        assert raw(base + path)[0] == 401, path
+    assert raw(base + "/v2/operator/keys", key, method="POST", body={"name": "mine", "budget": 10 ** 6})[0] == 403
+    for path in ("/v2/models/target/weights", "/target.pt", "/journal.jsonl", "/v2/models/other/infer"):
+        assert raw(base + path, key)[0] == 404, path
+    assert raw(base + "/v2/models/target", "drk.nosy." + "0" * 32)[0] == 401
+    assert raw(base + "/v2/operator/keys/nosy/prada", service.operator_key)[0] == 200  # the operator can
+
+
+@pytest.mark.parametrize("mangle, status, match", [
+    (lambda b, h: b["inputs"][0].update(shape=[0, 28, 28], data=[]), 400, "empty batch"),
+    (lambda b, h: b["inputs"][0].update(shape=[2, 27, 28]), 400, "takes \\[n, 28, 28\\]"),
+    (lambda b, h: b["inputs"][0].update(datatype="FP32"), 400, "UINT8"),
+    (lambda b, h: b["inputs"][0].update(data=[300] * 2 * 784), 400, "0..255"),
+    (lambda b, h: b["inputs"][0].update(data=[1.5] * 2 * 784), 400, "whole numbers|0..255"),
+    (lambda b, h: b["inputs"][0].update(data=[1] * 100), 400, "100 values"),
+    (lambda b, h: b.update(inputs=[]), 400, "one tensor"),
+    (lambda b, h: (h.pop("Idempotency-Key"), b.pop("id")), 400, "Idempotency-Key"),
+    (lambda b, h: h.update(Authorization="Bearer nope"), 401, "API key"),
+])
+def test_bad_requests_are_refused_in_one_line_and_charge_nothing(served, digits, mangle, status, match):
+    service, _, _ = served
+    name = f"bad-{status}-{abs(hash(match)) % 10 ** 6}"
+    key = service.create_key(name, budget=10)
+    body, headers = infer_body(digits[0][:2], "bad-0"), {"Idempotency-Key": "bad-0", "Authorization": f"Bearer {key}"}
+    mangle(body, headers)
+    got, reply, _ = raw(service.url + "/v2/models/target/infer", method="POST", body=body, headers=headers)
+    assert got == status and len(reply["error"].splitlines()) == 1
+    assert __import__("re").search(match, reply["error"]), reply
+    assert service.usage(name)["used"] == 0
+
+
+def test_rate_limit_answers_429_with_retry_after_and_the_client_waits(served, digits):
+    service, _, _ = served
+    key = service.create_key("paced", budget=1000, rate_limit=200.0, burst=1.0)
+    client = TargetClient(service.url, key, prefix="paced")
+    start = time.monotonic()
+    client.query(digits[0][:100])  # 99 images into debt: about 0.5 s to pay
+    status, reply, headers = raw(service.url + "/v2/models/target/infer", key, method="POST",
+                                 body=infer_body(digits[0][:1], "paced-x"), headers={"Idempotency-Key": "paced-x"})
+    assert status == 429 and int(headers["Retry-After"]) >= 1 and "rate limit" in reply["error"]
+    client.query(digits[0][:100])  # waits Retry-After, then answered
+    assert time.monotonic() - start >= 0.45
+    assert service.usage("paced")["used"] == 100 + 100
+
+
+def replica_pid(app: str, deployment: str) -> int:
+    import ray
+
+    alive = [a for a in ray._private.state.actors().values()
+             if a["ActorClassName"] == f"ServeReplica:{app}:{deployment}" and a["State"] == "ALIVE"]
+    assert len(alive) == 1, alive
+    return alive[0]["Pid"]
+
+
+def test_model_replica_and_ledger_killed_mid_batch_lose_no_paid_answer(digits, serve_port, tmp_path):
+    """SIGKILL the model replica and the ledger while a batch is reserved and being computed
+    (an untrained ResNet-18 takes seconds on 512 images); the retry with the same request id is
+    answered and charged once. Then an answer lost on its way back (the ledger killed after the
+    journal write) is fetched again with the same request id, not charged again."""
+    import torch
+
+    start_local_ray()
+    torch.manual_seed(0)
+    checkpoint = str(tmp_path / "slow.pt")
+    save_classifier(build_model("resnet18", image_size=28), checkpoint, name="resnet18", in_channels=1,
+                    num_classes=10, image_size=28)
+    journal = str(tmp_path / "journal.jsonl")
+    service = start_target(checkpoint, journal, port=serve_port, app="slow")
+    try:
+        key = service.create_key("big", budget=1024)
+        images = digits[0][:512]
+        first = {}
+
+        def send():  # one try, no retry: what the client saw when the kill came
+            first["status"] = raw(service.url + "/v2/models/target/infer", key, method="POST",
+                                  body=infer_body(images, "big-0"), headers={"Idempotency-Key": "big-0"})[0]
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        deadline = time.monotonic() + 60
+        while service.usage("big")["reserved"] == 0:  # reserved: begun, not yet committed
+            assert time.monotonic() < deadline and sender.is_alive(), "the batch never went in flight"
+            time.sleep(0.01)
+        killed = [replica_pid("slow", d) for d in ("TargetReplica", "LedgerReplica")]
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        assert sender.is_alive() and paid(journal, "big") == []  # killed in flight: no answer, nothing charged
+        sender.join(timeout=180)
+        # Serve may retry the ledger call on its restarted replica itself (200); the model replica's
+        # death reaches the client as a 5xx or a dropped connection
+        assert first["status"] in (200, 500, 502, 503, 0)
+
+        client = TargetClient(service.url, key, retry_for=180)
+        answer = client.infer(images, "big-0")  # the client's retry with the same request id
+        np.testing.assert_array_equal(answer, predict(load_classifier(checkpoint), images))
+        assert service.usage("big")["used"] == 512 and len(paid(journal, "big")) == 1
+        assert not set(killed) & {replica_pid("slow", d) for d in ("TargetReplica", "LedgerReplica")}  # new replicas
+
+        second = client.infer(digits[0][512:1024], "big-1")
+        os.kill(replica_pid("slow", "LedgerReplica"), signal.SIGKILL)  # after the journal write
+        np.testing.assert_array_equal(client.infer(digits[0][512:1024], "big-1"), second)
+        assert service.usage("big")["used"] == 1024 and [r["rid"] for r in paid(journal, "big")] == ["big-0", "big-1"]
+        with pytest.raises(QueryBudgetExceeded):
+            client.infer(digits[0][:1], "big-2")
+    finally:
+        stop_target(service)
+
+
+def test_a_restarted_service_on_the_same_journal_keeps_budgets_and_answers(served, digits, serve_port):
+    service, checkpoint, journal = served
+    key = service.create_key("kept", budget=10)
+    client = TargetClient(service.url, key, prefix="kept")
+    before = client.query(digits[0][:8])
+    stop_target(service)
+    again = start_target(checkpoint, journal, operator_key=service.operator_key, port=serve_port, app="served")
+    assert again.create_key("kept", budget=10) == key  # the same key for the same name
+    np.testing.assert_array_equal(TargetClient(again.url, key, prefix="kept").query(digits[0][:8]), before)
+    assert again.usage("kept")["used"] == 8
+    with pytest.raises(QueryBudgetExceeded):
+        TargetClient(again.url, key, prefix="more").query(digits[0][:3])
+
+
+# --------------------------------------------------------------------------- another OIP server
+
+class _MinimalOIP(BaseHTTPRequestHandler):
+    """An Open Inference Protocol v2 server written from the spec, not from drmi_ray: it answers
+    ``sum of pixels mod 10`` per image, asks for one retry (429) on the first request, and
+    refuses with 402 past 6 images."""
+
+    seen: list = []
+    answered = 0
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, status, body, headers=()):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/v2/models/digits":
+            return self._reply(200, {"name": "digits", "platform": "custom",
+                                     "inputs": [{"name": "x", "datatype": "UINT8", "shape": [-1, 4, 4]}],
+                                     "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]})
+        self._reply(404, {"error": "no such path"})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        cls = type(self)
+        cls.seen.append((self.path, self.headers.get("Authorization"), self.headers.get("Idempotency-Key"), body["id"]))
+        if len(cls.seen) == 1:
+            return self._reply(429, {"error": "slow down"}, [("Retry-After", "1")])
+        tensor = body["inputs"][0]
+        images = np.asarray(tensor["data"], dtype=np.int64).reshape(tensor["shape"])
+        if cls.answered + len(images) > 6:
+            return self._reply(402, {"error": "budget spent"})
+        cls.answered += len(images)
+        labels = images.reshape(len(images), -1).sum(1) % 10
+        self._reply(200, {"model_name": "digits", "id": body["id"], "outputs": [
+            {"name": "label", "datatype": "INT64", "shape": [len(images)], "data": labels.tolist()}]})
+
+
+def test_the_client_speaks_the_protocol_to_a_minimal_server_written_here():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _MinimalOIP)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = TargetClient(f"http://127.0.0.1:{server.server_port}", "secret", model="digits", prefix="run")
+        assert client.metadata()["inputs"][0]["shape"] == [-1, 4, 4]
+        images = np.arange(4 * 16, dtype=np.uint8).reshape(4, 4, 4)
+        start = time.monotonic()
+        np.testing.assert_array_equal(client.query(images), images.reshape(4, -1).astype(np.int64).sum(1) % 10)
+        assert time.monotonic() - start >= 0.9  # it waited the Retry-After of the 429
+        with pytest.raises(QueryBudgetExceeded, match="budget spent"):
+            client.query(images)
+        with pytest.raises(TargetError) as e:
+            TargetClient(f"http://127.0.0.1:{server.server_port}", "secret", model="other").metadata()
+        assert e.value.status == 404
+        # the 429 and its retry carried the same request id, in the header and the body
+        assert _MinimalOIP.seen[:2] == [("/v2/models/digits/infer", "Bearer secret", "run-0", "run-0")] * 2
+        assert _MinimalOIP.seen[2][2] == "run-1"
+    finally:
+        server.shutdown()
