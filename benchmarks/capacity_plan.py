@@ -19,7 +19,7 @@ Inputs, all printed with the table:
     everything included) on ``--measure-n`` synthetic natural-like images (smoothed random fields,
     full 0..255 range: their joint histograms spread like photographs', unlike digits' mostly
     black background) at each scenario's resolution; or given with ``--cpu-pairs-per-s``.
-  * GPU pair values/s per GPU at each resolution (an off-diagonal tile's tile_size² / s): measured on an H100/H200 with ``--measure-gpu`` (one
+  * GPU pairs/s per GPU at each resolution (an off-diagonal tile's tile_size² / s): measured on an H100/H200 with ``--measure-gpu`` (one
     tile's task body: ``matrix.compute_tile`` with the torch kernel + ``write_tile``, no Ray, so it
     runs where Ray is not installed) or given with ``--gpu-pairs-per-s RES:RATE,...``.
     Without either, the figures recorded on one H200 (``RECORDED["h200-tile"]``) are used for --size 64.
@@ -34,14 +34,13 @@ Inputs, all printed with the table:
     bytes per stored MI value (``--bytes-per-value``: 8 by default, the tile store's float64; 4 with
     ``--store-dtype float32``; tiles are written uncompressed).
 
-Pairs the kernels compute (both are counted, and each time uses its own): the numba CPU kernel
-(``mi.joint_sums_cpu`` with ``codes_b=None``) computes only the upper triangle u < v of a diagonal
-tile and mirrors it, so CPU time = pairs (u < v) / CPU rate. The GPU kernels (``mi.joint_sums_torch``:
-Triton, sort, one-hot) compute a diagonal tile in full, tile_size² values, so GPU time charges every
-tile as a full square: GPU pair values = the stored values. The GPU rates are measured on an
-off-diagonal tile (tile_size² values), the same unit.
+Pairs the kernels compute: both the numba CPU kernel (``mi.joint_sums_cpu``) and the default GPU
+kernel (``mi.joint_sums_torch`` with ``method="triton"``) compute only the upper triangle u < v of a
+diagonal tile (``codes_b=None``) and mirror it, so time = pairs (u < v) / rate on either. (The torch
+fallbacks, sort and one-hot, compute a diagonal tile by row chunks, somewhat over half of it; the
+plan assumes the Triton kernel.) The rates are measured on an off-diagonal tile (tile_size² pairs).
 
-Model: wall time on G GPUs = tiles/G rounded up x (mean GPU pair values per tile / rate + overhead);
+Model: wall time on G GPUs = tiles/G rounded up x (mean pairs per tile / rate + overhead);
 per-class partitions have few tiles each, so they are scheduled across partitions (one tile queue
 for all). GPU-hours = G x wall time. Storage = tiles x tile_size² x bytes (diagonal tiles stored
 square). Decode: 1,281,167 images / (rate per core x CPUs), CPUs from cluster.yaml's node types
@@ -141,8 +140,8 @@ def partition_sizes(n: int, parts: int) -> list[int]:
 def count(s: Scenario) -> dict:
     """Pairs (i<j), tiles (upper triangle incl. diagonal tiles), stored values.
 
-    ``pairs`` is also what the CPU kernel computes (the upper triangle of a diagonal tile);
-    ``gpu_values`` is what the GPU kernels compute (diagonal tiles in full) = ``stored_values``."""
+    ``pairs`` is what the CPU and Triton kernels compute (the upper triangle of a diagonal tile);
+    ``stored_values`` counts diagonal tiles as full squares, as the store keeps them."""
     pairs = tiles = stored = 0
     sizes = partition_sizes(s.n_images, s.partitions)
     for n, reps in ((sz, sizes.count(sz)) for sz in sorted(set(sizes))):
@@ -150,8 +149,7 @@ def count(s: Scenario) -> dict:
         pairs += reps * n * (n - 1) // 2
         tiles += reps * b * (b + 1) // 2
         stored += reps * _stored_values(n, s.tile_size)
-    return {"pairs": pairs, "tiles": tiles, "stored_values": stored, "cpu_pairs": pairs, "gpu_values": stored,
-            "partition_size": sizes[0], "tile_gpu_values": stored / tiles}
+    return {"pairs": pairs, "tiles": tiles, "stored_values": stored, "partition_size": sizes[0], "tile_pairs": pairs / tiles}
 
 
 def _stored_values(n: int, t: int) -> int:
@@ -166,7 +164,7 @@ def plan_row(s: Scenario, rate: float | None, gpus: int, overhead_s: float, byte
     if rate is None:
         row.update(gpu_hours=None, wall_h=None)
         return row
-    per_tile = c["tile_gpu_values"] / rate + overhead_s  # a GPU computes diagonal tiles in full
+    per_tile = c["tile_pairs"] / rate + overhead_s  # mean pairs per tile (diagonal tiles: u < v)
     waves = math.ceil(c["tiles"] / gpus)
     wall = waves * per_tile
     row.update(gpu_hours=c["tiles"] * per_tile / 3600, wall_h=wall / 3600)
@@ -403,33 +401,30 @@ def main(argv=None) -> int:
     print(f"- fixed cost per tile: {args.tile_overhead_s} s ({overhead_source})")
     print("- CPU pairs/s: " + ", ".join(f"{r} {cpu.values[r]:,.0f}" for r in resolutions)
           + f"\n  source: {cpu.source}")
-    print("- GPU pair values/s per GPU: "
+    print("- GPU pairs/s per GPU: "
           + (", ".join(f"{r} {gpu.values[r]:,.0f}" for r in resolutions if r in gpu.values) or "unknown")
           + f"\n  source: {gpu.source}")
     print(f"- decode: {decode:,.0f} images/s per CPU core\n  source: {decode_source}")
-    print("- pair counts: the CPU kernel computes a diagonal tile's upper triangle only (u < v, mirrored): "
-          "CPU time = pairs / CPU rate. The GPU kernels compute a diagonal tile in full (tile_size^2): "
-          "GPU time = GPU pair values (every tile a full square = the stored values) / GPU rate + fixed cost per tile.")
+    print("- pair counts: the CPU and Triton kernels compute a diagonal tile's upper triangle only (u < v, "
+          "mirrored): CPU time = pairs / CPU rate; GPU time = pairs / GPU rate + fixed cost per tile.")
     print()
-    head = ("| scenario | MI res | pairs (u<v; CPU computes) | GPU pair values (diag tiles full) | tiles | tile store | "
+    head = ("| scenario | MI res | pairs (u<v) | tiles | tile store | "
             "wall on the CPU-rate machine | GPU-hours | " + " | ".join(f"wall, {g} GPU{'s' if g > 1 else ''}" for g in gpu_counts) + " |")
     print(head)
     print("|" + "---|" * 2 + "---:|" * (head.count("|") - 3))
     for s in scen:
         c = count(s)
-        cpu_h = c["cpu_pairs"] / cpu.values[s.res] / 3600  # the CPU source's machine, all its cores
+        cpu_h = c["pairs"] / cpu.values[s.res] / 3600  # the CPU source's machine, all its cores
         rows = [plan_row(s, gpu.values.get(s.res), g, args.tile_overhead_s, args.bytes_per_value) for g in gpu_counts]
         walls = " | ".join(_hours(r["wall_h"]) for r in rows)
-        print(f"| {s.name} | {s.res} | {c['cpu_pairs']:.3g} | {c['gpu_values']:.3g} | {c['tiles']:,} | "
+        print(f"| {s.name} | {s.res} | {c['pairs']:.3g} | {c['tiles']:,} | "
               f"{_bytes(rows[0]['storage_gb'])} | {_hours(cpu_h)} | {fmt(rows[0]['gpu_hours'], ',.1f')} | {walls} |")
     print()
     per_class = count(scen[0])
     glob = count(scen[2])
     print(f"Per-class partitioning computes {glob['pairs'] / per_class['pairs']:,.0f}x fewer pairs than the global "
           f"ImageNet matrix ({per_class['pairs']:.3g} vs {glob['pairs']:.3g}); each class's matrix "
-          f"({per_class['partition_size']:,}^2 float64 = {per_class['partition_size'] ** 2 * 8 / 1e6:.0f} MB) fits in memory for selection. "
-          f"With one tile per class every tile is diagonal, so a GPU computes "
-          f"{per_class['gpu_values'] / per_class['pairs']:.2f}x the pairs a CPU does.")
+          f"({per_class['partition_size']:,}^2 float64 = {per_class['partition_size'] ** 2 * 8 / 1e6:.0f} MB) fits in memory for selection.")
     print(f"\n## Decode: {IMAGENET_TRAIN:,} ImageNet train JPEGs at {decode:,.0f} images/s per core "
           f"(node types from {yaml_name}; read per node at {args.imagenet_file_kb:g} KB per file, assumed)\n")
     for line in decode_lines(decode, node_types(args.cluster_yaml), args.imagenet_file_kb, yaml_name):

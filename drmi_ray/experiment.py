@@ -37,6 +37,7 @@ from drmi_ray.matrix import compute_mi_matrix
 from drmi_ray.models import predict
 from drmi_ray.substitute import evaluate, fit_substitutes
 from drmi_ray.client import TargetClient
+from drmi_ray.runtime import use_cpus
 from drmi_ray.service import run_target
 from drmi_ray.target import load_classifier, train_target
 
@@ -139,12 +140,6 @@ class Timings(dict):
         print(f"[drmi] {name} done in {self[name]:.1f} s", flush=True)
 
 
-def _torch_threads():
-    import torch
-
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-
-
 def cell_name(cell) -> str:
     """A cell's client name at the target (its API key's name and request-id prefix)."""
     method, budget, seed = cell
@@ -155,7 +150,7 @@ def cell_name(cell) -> str:
 def acquire_cell(cell, pool_images, mi, url, key, substitute_config):
     """The attacker for one cell: spend ``budget`` queries with ``method`` through the target's
     HTTP API (an API key and the cell's request-id prefix; nothing else of the target)."""
-    _torch_threads()
+    use_cpus()
     method, budget, seed = cell
     client = TargetClient(url, key, prefix=cell_name(cell))
     got = acquire(method, pool_images, budget, client.query, seed=seed, mi=mi, substitute_config=substitute_config)
@@ -165,7 +160,7 @@ def acquire_cell(cell, pool_images, mi, url, key, substitute_config):
 @ray.remote(num_cpus=1)
 def evaluate_cell(checkpoint, substitute, test_images, test_labels, target_labels, attack_config):
     """Referee: the substitute's accuracy and fidelity, and the transfer rate of its PGD examples."""
-    _torch_threads()
+    use_cpus()
     scores = evaluate(substitute, test_images, test_labels, target_labels)
     scores["transfer_rate"] = transfer_rate(substitute, load_classifier(checkpoint), test_images, test_labels,
                                             attack_config)

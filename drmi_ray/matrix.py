@@ -55,6 +55,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from drmi_ray.runtime import use_cpus
 from drmi_ray.mi import LEVELS, entropy_sums, mi_block, to_codes
 
 FORMAT = "drmi-mi-tiles"
@@ -158,7 +159,6 @@ def tile_problem(fs, path: str, fingerprint: str, i: int, j: int, shape, dtype: 
 
 def _tile_task(codes, sums, i, j, tile_size, bins, dtype, url, num_cpus, fingerprint):
     """One Ray task: compute and write tile (i, j) (the driver holds its claim). Returns (i, j, pairs)."""
-    import numba
     import ray
 
     fs, root = fsspec.core.url_to_fs(url)
@@ -167,7 +167,7 @@ def _tile_task(codes, sums, i, j, tile_size, bins, dtype, url, num_cpus, fingerp
         import torch
 
         device = "cuda" if torch.cuda.is_available() else None
-    numba.set_num_threads(max(1, min(int(num_cpus), numba.config.NUMBA_NUM_THREADS)))
+    use_cpus(num_cpus)
     block = compute_tile(codes, sums, i, j, tile_size, bins, device=device)
     write_tile(fs, root, i, j, block, dtype, fingerprint)
     return i, j, tile_pairs(len(codes), tile_size, i, j)

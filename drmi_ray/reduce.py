@@ -163,17 +163,17 @@ def partition_store(pool: Pool, part: Partition, out: str, c: ReduceConfig):
 
 def _bundle_task(items, bins, color, tile_size, dtype):
     """One Ray task: the one-tile stores of a bundle of small partitions."""
-    import numba
     import ray
 
     from drmi_ray.matrix import compute_small_stores
+    from drmi_ray.runtime import use_cpus
 
     device = None
     if ray.get_gpu_ids():
         import torch
 
         device = "cuda" if torch.cuda.is_available() else None
-    numba.set_num_threads(1)
+    use_cpus(1)
     return compute_small_stores(items, bins=bins, color=color, tile_size=tile_size, dtype=dtype, device=device)
 
 

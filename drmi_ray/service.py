@@ -54,6 +54,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from .runtime import use_cpus
 from .ledger import (NAME, Ledger, Refused, check_service, images_digest, key_name, new_operator_key,
                      read_journal)
 
@@ -121,11 +122,9 @@ class TargetReplica:
     ledger (reserve) -> the model, here -> ledger (journal and charge)."""
 
     def __init__(self, ledger, checkpoint: str, output: str, decimals: int, operator_key: str):
-        import torch
-
         from .target import load_checkpoint, load_classifier
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        use_cpus()
         ckpt = load_checkpoint(checkpoint)
         size, channels = ckpt["image_size"], ckpt["in_channels"]
         self.image_shape = (size, size) if channels == 1 else (size, size, channels)

@@ -33,7 +33,7 @@ mode Train's ``report`` copies nothing (it keeps the ``Checkpoint`` object as gi
 writes into that same folder itself; local mode therefore needs a local (or NFS) ``storage_path``.
 
 Determinism: a substitute fitted on one worker is the one ``models.train_classifier`` gives for
-the same config and seed (same torch thread count: the worker's ``OMP_NUM_THREADS``), whatever
+the same config and seed (same torch thread count: ``runtime.use_cpus`` gives the worker one per CPU), whatever
 else that worker fitted before it; with DDP it is deterministic per seed and ``num_workers``.
 """
 
@@ -48,6 +48,7 @@ import ray
 import torch
 from torch import nn
 
+from .runtime import use_cpus
 from .models import (TrainConfig, build_model, check_images, check_labels, fit_model,
                      image_geometry, num_steps, predict, to_tensor)
 
@@ -86,9 +87,7 @@ def _train_loop(cfg: dict) -> None:
     """
     import ray.train
 
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads:  # Ray sets it to the worker's CPUs; torch would otherwise take every core
-        torch.set_num_threads(max(1, int(threads)))
+    use_cpus()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     ddp = cfg["shares"] is None
@@ -133,7 +132,7 @@ def _run(train_loop_config: dict, *, num_workers: int, use_gpu: bool, cpus_per_w
 
 def _run_local(train_loop_config: dict, storage_path: str, name: str) -> None:
     """A Ray task: one local-mode run (the loop in this task's process, one torch thread per CPU)."""
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    use_cpus()
     _run(train_loop_config, num_workers=0, use_gpu=False, cpus_per_worker=0,
          storage_path=storage_path, name=name)
 

@@ -52,15 +52,19 @@ def rng():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def one_torch_thread():
-    """One torch thread in the test process: on 2 shared cores torch's default of one thread per
-    core oversubscribes with Ray's workers and trains several times slower."""
+def one_thread():
+    """One torch and numba thread in the test process, as in a 1-CPU Ray task: on 2 shared cores
+    a thread per core oversubscribes with Ray's workers and trains several times slower."""
+    import numba
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    from drmi_ray.runtime import use_cpus
+
+    before = torch.get_num_threads(), numba.get_num_threads()
+    use_cpus(1)
     yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(before[0])
+    numba.set_num_threads(before[1])
 
 
 @pytest.fixture(scope="session")

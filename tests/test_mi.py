@@ -1,5 +1,10 @@
 """pairwise_mi: exact against sklearn, edge cases, the torch kernel bit-identical to numba, bad inputs."""
 
+import os
+import subprocess
+import sys
+
+import numba
 import numpy as np
 import pytest
 from scipy.stats import entropy
@@ -222,7 +227,6 @@ def run_in_interpreter(checks, tmp_path, fast_sort, **arrays):
     """Run INTERPRETER_CHECKS + checks with TRITON_INTERPRET=1; arrays are saved and loaded by name."""
     pytest.importorskip("triton")
     import os
-    import subprocess
     import sys
 
     for name, x in arrays.items():
@@ -287,3 +291,33 @@ def test_triton_refuses_images_it_cannot_sort():
     for method in ("triton", "triton-sort"):
         with pytest.raises(ValueError, match="more than 4096"):
             joint_sums_torch(dense, None, 256, device="cpu", method=method)
+
+
+_THREADS_AFTER_MI = """
+import sys, numpy as np, torch
+from drmi_ray.mi import pairwise_mi
+from drmi_ray.runtime import use_cpus
+if sys.argv[1] == "use_cpus":
+    use_cpus()
+before = torch.get_num_threads()
+pairwise_mi(np.random.default_rng(0).integers(0, 256, (20, 64), dtype=np.uint8))
+import numba
+print(before, torch.get_num_threads(), numba.get_num_threads(), numba.threading_layer())
+"""
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs a machine with 2 or more cores")
+def test_use_cpus_keeps_a_one_cpu_task_on_one_thread_through_a_parallel_numba_call():
+    """A fresh process with OMP_NUM_THREADS=1, as Ray starts a 1-CPU task: the first parallel numba
+    call starts numba's pool on every core and (OpenMP layer) moves torch there too; after
+    use_cpus() both stay on one thread."""
+    def threads(how):
+        out = subprocess.run([sys.executable, "-c", _THREADS_AFTER_MI, how], capture_output=True, text=True,
+                             timeout=120, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout.split()
+        return [int(t) for t in out[:3]], out[3]
+
+    (before, after, numba_threads), layer = threads("plain")
+    assert before == 1 and numba_threads == numba.config.NUMBA_NUM_THREADS
+    if layer == "omp":  # the fault use_cpus guards against happened
+        assert after == numba.config.NUMBA_NUM_THREADS
+    assert threads("use_cpus")[0] == [1, 1, 1]
