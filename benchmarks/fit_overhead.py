@@ -27,11 +27,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import ray
 import torch
 
 from drmi_ray.data import bundled_mnist
 from drmi_ray.models import TrainConfig, predict, train_classifier
+from drmi_ray.runtime import init_ray
 from drmi_ray.substitute import fit_substitutes
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     host, run = socket.gethostname(), time.strftime("%Y%m%d-%H%M%S")
     storage = tempfile.mkdtemp(prefix="fit-overhead-")
     torch.set_num_threads(1)  # as a one-CPU Ray Train worker runs
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_ray("local", include_dashboard=False, log_to_driver=False)  # as drmi run starts Ray
     print(f"# {host} run {run}: {args.fits} fits of {args.model} on {args.images} images, "
           f"{args.steps} steps; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}; "
           f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S', 'unset')}")

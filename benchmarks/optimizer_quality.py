@@ -33,6 +33,8 @@ import time
 import numpy as np
 
 from drmi_ray import optimize as opt
+from drmi_ray.optimize.distributed import _restart_seeds
+from drmi_ray.optimize.search import _DenseState
 
 DIGITS_MI = os.path.join(tempfile.gettempdir(), "drmi_digits_mi5000.npy")
 SAME = 1e-9  # "the same objective value": equal to 1e-9 relative (float rounding of the kept sums)
@@ -85,7 +87,7 @@ def random_objective(mi, k, seed):
 
 def greedy_objective(mi, k, seed):
     rng = np.random.default_rng(seed)
-    return opt._DenseState.greedy(np.ascontiguousarray(mi), k, int(rng.integers(len(mi)))).objective()
+    return _DenseState.greedy(np.ascontiguousarray(mi), k, int(rng.integers(len(mi)))).objective()
 
 
 def reach(history, target, rel):
@@ -200,7 +202,7 @@ def large(args, ray, name, path):
 def own_seeds(seeds_used, seed, restarts):
     """The seeds select_distributed(seed=seed, restarts=restarts) runs, checked against every seed
     run before in this table (each restart must have its own)."""
-    seeds = opt._restart_seeds(seed, restarts)
+    seeds = _restart_seeds(seed, restarts)
     if seeds_used & set(seeds) or len(set(seeds)) < len(seeds):
         raise SystemExit(f"seed {seed} repeats a seed already run: {sorted(seeds_used & set(seeds))}")
     seeds_used.update(seeds)

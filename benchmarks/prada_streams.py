@@ -22,8 +22,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 from drmi_ray.baselines import METHODS, MI_METHODS, acquire
 from drmi_ray.config import ExperimentConfig
 from drmi_ray.experiment import load_data

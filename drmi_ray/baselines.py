@@ -1,4 +1,4 @@
-"""Ways of spending a query budget: DRMI and its rivals (DESIGN.md stage 7, issue 6).
+"""Ways of spending a query budget: DRMI and its rivals.
 
 Every method spends **exactly** ``budget`` queries through one ``query`` function that the caller
 supplies (in the experiment ``TargetClient(url, key).query``: the target's HTTP API), so the target counts
@@ -59,8 +59,8 @@ Methods (``METHODS``), with the exact rules:
              or ``MI / H(u, v)``; plain MI favours low-entropy images since ``MI <= min(H(u), H(v))``;
              seeded shuffle.
 ``drmi-balanced``  plain DRMI inside each of 10 k-means clusters of the pool
-             (``optimize.kmeans_partitions``, images block-averaged to 7x7, no labels), budgets
-             proportional to cluster size (``optimize.select_partitioned``); seeded shuffle.
+             (``partition.kmeans_partitions``, images block-averaged to 7x7, no labels), budgets
+             proportional to cluster size (``partition.select_partitioned``); seeded shuffle.
 
 The label-free objectives below use ``NMI = normalized_mi(mi, "sqrt")`` (in [0, 1], 1 on the
 diagonal) as the similarity of two images.
@@ -92,6 +92,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .images import check_images
 from .models import TrainConfig, predict_proba, to_tensor, train_classifier
 
 METHODS = ("drmi", "random", "cmal", "cpb", "trace", "kcenter", "jbda",
@@ -182,7 +183,8 @@ def acquire(method: str, pool_images: np.ndarray, budget: int, query: Query, *, 
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    pool = _check_pool(pool_images)
+    pool = check_images(pool_images, name="pool_images",
+                        min_count=2 if method in ("cmal", *MI_METHODS) else 1)
     n = len(pool)
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
         raise ValueError(f"budget must be an integer number of queries, got {budget!r}")
@@ -202,15 +204,6 @@ def acquire(method: str, pool_images: np.ndarray, budget: int, query: Query, *, 
     ledger = _Ledger(query, pool)
     info = _RUNNERS[method](ledger, budget, seed=int(seed), mi=mi, config=config)
     return ledger.result(method, budget, info)
-
-
-def _check_pool(images) -> np.ndarray:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-        raise ValueError(f"pool_images must be a uint8 numpy array (n, H, W) or (n, H, W, C), got {kind}")
-    if images.ndim not in (3, 4) or len(images) == 0:
-        raise ValueError(f"pool_images must have shape (n, H, W) or (n, H, W, C) with n >= 1, got {images.shape}")
-    return images
 
 
 def seed_size(budget: int) -> int:
@@ -240,17 +233,16 @@ def correlation_matrix(pool_images: np.ndarray) -> np.ndarray:
     return c
 
 
-def kcenter_indices(x: np.ndarray, k: int, seed: int, *, exclude=None, first: int | None = None
-                    ) -> np.ndarray:
+def kcenter_indices(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Greedy k-center (farthest-point) on rows of ``x`` (float, L2), in pick order.
 
-    The first centre is ``default_rng(seed).integers(n)`` unless ``first`` is given; each next one
+    The first centre is ``default_rng(seed).integers(n)``; each next one
     is the row farthest from its nearest chosen centre (ties: lowest index).
     """
     x = x.reshape(len(x), -1).astype(np.float64)
     n = len(x)
     sq = np.einsum("ij,ij->i", x, x)
-    start = int(np.random.default_rng(seed).integers(n)) if first is None else int(first)
+    start = int(np.random.default_rng(seed).integers(n))
     dist = np.full(n, np.inf)
     chosen = [start]
     for _ in range(k - 1):
@@ -300,7 +292,7 @@ def _drmi_normalized(kind):
 
 def _drmi_balanced(ledger, budget, *, seed, mi, **_):
     """Plain DRMI within each k-means cluster of the pool, budgets proportional to cluster size."""
-    from .optimize import kmeans_partitions, select_partitioned
+    from .partition import kmeans_partitions, select_partitioned
 
     clusters = kmeans_partitions(ledger.pool, min(BALANCED_CLUSTERS, len(ledger.pool)), seed=seed)
     sel = select_partitioned(clusters, budget, lambda idx: mi[np.ix_(idx, idx)], seed=seed)
@@ -316,7 +308,7 @@ def typical_indices(pool_images: np.ndarray, sim: np.ndarray, k: int, seed: int)
     typicality; the first ``k`` by (rank, larger cluster first, lower index) are returned, so
     every cluster gives its most typical image before any gives a second (k-means can leave a
     cluster empty)."""
-    from .optimize import kmeans_partitions
+    from .partition import kmeans_partitions
 
     clusters = kmeans_partitions(pool_images, k, seed=seed)
     n = len(clusters)

@@ -22,7 +22,7 @@ def str_list(text: str) -> tuple[str, ...]:
 def run_parser(sub) -> None:
     p = sub.add_parser("run", help="the DRMI experiment: select, query, fit substitutes, attack, report")
     p.add_argument("--out", help="run folder (path or fsspec URL); default: a new folder under runs/")
-    p.add_argument("--quick", action="store_true", help="small version: 600-image pool, budgets 50,200 (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="small version: 600-image pool, budgets 50,200, LeNet-5 target and substitutes (about 2 minutes)")
     p.add_argument("--config", help="repeat a run from its config.json (flags given here override it)")
     p.add_argument("--protocol", choices=("bundled-mnist", "paper-mnist", "paper-cifar10"),
                    help="the paper's settings (default bundled-mnist); paper-* read torchvision data under --data-root")
@@ -53,10 +53,8 @@ def run_parser(sub) -> None:
 
 
 def build_config(args):
-    from drmi_ray.config import ExperimentConfig, quick
-
     from drmi_ray.baselines import METHODS
-    from drmi_ray.config import apply_protocol
+    from drmi_ray.config import ExperimentConfig, apply_protocol, quick
 
     if args.config:
         try:
@@ -207,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from drmi_ray import report
         from drmi_ray.config import check_out
+        from drmi_ray.runtime import log, setup_logging
 
+        setup_logging()
         if args.command == "run":
             from drmi_ray.experiment import check_config, run_experiment
 
@@ -215,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             check_config(config)  # every setting, then the run folder, before Ray starts
             out = check_out(args.out or report.new_run_folder("mnist"))
             if args.address:
-                import ray
+                from drmi_ray.runtime import init_ray
 
-                ray.init(address=args.address)
+                init_ray(args.address)
             run_experiment(config, out)
-            print(f"[drmi] wrote {out}/report.md (results.json, results.csv, results.png)")
+            log.info(f"wrote {out}/report.md (results.json, results.csv, results.png)")
         else:
             from drmi_ray import reduce
 

@@ -26,6 +26,8 @@ import urllib.request
 
 import numpy as np
 
+from .images import check_images
+
 
 class TargetError(RuntimeError):
     """The target refused a request (``status``: the HTTP status)."""
@@ -59,10 +61,7 @@ class TargetClient:
 
     def infer(self, images: np.ndarray, request_id: str) -> np.ndarray:
         """One request: labels int64 ``(n,)`` or probability rows float32 ``(n, C)``."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) == 0:
-            raise ValueError(f"images: expected a non-empty uint8 batch (n, H, W) or (n, H, W, C), "
-                             f"got {images.dtype} {images.shape}")
+        images = check_images(images, min_count=1)
         body = {"id": request_id, "inputs": [{"name": "images", "datatype": "UINT8", "shape": list(images.shape),
                                               "data": images.reshape(-1).tolist()}]}
         reply = self.call("POST", f"/v2/models/{self.model}/infer", body, {"Idempotency-Key": request_id})

@@ -121,7 +121,7 @@ def check_source(option: str, source: str, *, download: bool) -> None:
 
 @dataclass
 class PoolConfig:
-    protocol: str = "bundled-mnist"  # see drmi_ray.experiment.load_protocol
+    protocol: str = "bundled-mnist"  # settings: apply_protocol below; the split: experiment.load_data
     source: str = "bundled-mnist"  # see drmi_ray.data.load_pool
     target_train: int = 2000  # images the target is trained on (the attacker never sees them)
     pool: int = 2000  # the attacker's unlabeled pool
@@ -226,12 +226,15 @@ def apply_protocol(config: ExperimentConfig, protocol: str, root: str = "data") 
 
 
 def quick(config: ExperimentConfig) -> ExperimentConfig:
-    """The few-minute version: smaller pool and test set, two budgets, LeNet-5 substitutes (a
-    LeNet-5 fit and its PGD take seconds of CPU where C3F2's take half a minute each)."""
+    """The few-minute version: smaller pool and test set, two budgets, a LeNet-5 target and LeNet-5
+    substitutes (a LeNet-5 fit and its PGD take seconds of CPU where C3F2's take half a minute:
+    the target trains in 5 s instead of 33 s, to 95% instead of 96% on the test split)."""
     config = dataclasses.replace(config)
     config.pool = dataclasses.replace(config.pool, pool=600, test=500)
     config.selection = dataclasses.replace(config.selection, budgets=(50, 200))
     config.substitute = dataclasses.replace(config.substitute, model="lenet5")
+    if config.target.train.model == "c3f2":  # the digits' target (paper-cifar10 keeps its ResNet)
+        config.target = dataclasses.replace(config.target, train=dataclasses.replace(config.target.train, model="lenet5"))
     return config
 
 

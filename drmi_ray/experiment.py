@@ -1,4 +1,4 @@
-"""The experiment: every stage of DESIGN.md's pipeline for methods x budgets x seeds.
+"""The experiment: every stage of the pipeline (ARCHITECTURE.md) for methods x budgets x seeds.
 
 pool -> target (trained or loaded) -> MI matrix -> acquisition through the target's HTTP API
 (one Ray task per cell) -> substitutes (Ray Train, concurrently) -> evaluation and PGD transfer
@@ -37,7 +37,7 @@ from drmi_ray.matrix import compute_mi_matrix
 from drmi_ray.models import predict
 from drmi_ray.substitute import evaluate, fit_substitutes
 from drmi_ray.client import TargetClient
-from drmi_ray.runtime import use_cpus
+from drmi_ray.runtime import completed, gather, init_ray, log, setup_logging, use_cpus
 from drmi_ray.service import run_target
 from drmi_ray.target import load_classifier, train_target
 
@@ -134,10 +134,10 @@ class Timings(dict):
     @contextmanager
     def stage(self, name: str):
         start = time.perf_counter()
-        print(f"[drmi] {name} ...", flush=True)
+        log.info(f"{name} ...")
         yield
         self[name] = time.perf_counter() - start
-        print(f"[drmi] {name} done in {self[name]:.1f} s", flush=True)
+        log.info(f"{name} done in {self[name]:.1f} s")
 
 
 def cell_name(cell) -> str:
@@ -167,19 +167,6 @@ def evaluate_cell(checkpoint, substitute, test_images, test_labels, target_label
     return scores
 
 
-def gather(refs: list, what: str) -> list:
-    """ray.get with a progress line every 10% of the refs (or every 10 s)."""
-    done, last = 0, time.perf_counter()
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=min(len(pending), max(1, len(refs) // 10)), timeout=10)
-        done += len(ready)
-        if ready or time.perf_counter() - last > 10:
-            print(f"[drmi]   {what} {done}/{len(refs)}", flush=True)
-            last = time.perf_counter()
-    return ray.get(refs)
-
-
 def fit_and_score(jobs, checkpoint, test_images, test_labels, target_labels, config, *,
                   storage_path: str | None = None) -> list[dict]:
     """The tail every run shares (``drmi run`` and ``reduce``): fit one substitute per job
@@ -193,7 +180,7 @@ def fit_and_score(jobs, checkpoint, test_images, test_labels, target_labels, con
     substitutes = fit_substitutes(jobs, num_workers=config.substitute_workers, use_gpu=config.substitute_gpu,
                                   storage_path=storage_path)
     refs = [ray.put(x) for x in (test_images, test_labels, target_labels)]
-    return gather([evaluate_cell.remote(checkpoint, s, *refs, config.attack) for s in substitutes], "evaluated")
+    return gather([evaluate_cell.remote(checkpoint, s, *refs, config.attack) for s in substitutes], what="evaluated")
 
 
 def read_json(url: str):
@@ -241,16 +228,14 @@ def acquire_all(cells, config, service, pool_ref, mi_ref, saved_dir):
                           dataclasses.replace(config.substitute, seed=cell[2]))
         refs[ref] = cell
     if got:
-        print(f"[drmi]   reusing {len(got)} finished acquisitions from {saved_dir}", flush=True)
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        cell = refs[done[0]]
-        images, labels = got[cell] = ray.get(done[0])
+        log.info(f"  reusing {len(got)} finished acquisitions from {saved_dir}")
+    running = list(refs.values())
+    for i, (images, labels) in completed(list(refs), what="acquired"):
+        cell = running[i]
+        got[cell] = images, labels
         saved = os.path.join(saved_dir, f"{cell_name(cell)}.npz")
         np.savez(saved + ".tmp.npz", images=images, labels=labels)
         os.replace(saved + ".tmp.npz", saved)
-        print(f"[drmi]   acquired {len(got)}/{len(cells)}: {cell[0]} budget {cell[1]} seed {cell[2]}", flush=True)
     results = {}
     for cell in cells:
         usage = service.usage(cell_name(cell))
@@ -287,8 +272,8 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
 
     check_config(config)
     out = check_out(out)
-    if not ray.is_initialized():
-        ray.init()
+    setup_logging()
+    init_ray()
     fs, out_path = fsspec.core.url_to_fs(out)
     local = isinstance(fs, LocalFileSystem)
     work = out_path if local else tempfile.mkdtemp(prefix="drmi-run-")
@@ -302,13 +287,13 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
     if checkpoint is None:
         checkpoint = os.path.join(work, "target.pt")
         if os.path.exists(checkpoint):  # a rerun: the target its journal was written for
-            print(f"[drmi] target: reusing {checkpoint}", flush=True)
+            log.info(f"target: reusing {checkpoint}")
         else:
             with timings.stage("target training"):
                 train_target(data.target_images, data.target_labels, checkpoint, config=config.target.train)
     target_labels = predict(load_classifier(checkpoint), data.test_images)
     target_accuracy = float((target_labels == data.test_labels).mean())
-    print(f"[drmi] target accuracy on the test split: {100 * target_accuracy:.1f}%", flush=True)
+    log.info(f"target accuracy on the test split: {100 * target_accuracy:.1f}%")
 
     sel = config.selection
     mi = None
@@ -322,7 +307,7 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
     with timings.stage("selection and queries"):
         with run_target(checkpoint, out, output=tc.output, decimals=tc.decimals, replicas=tc.replicas,
                         host=tc.host, port=tc.port) as service:
-            print(f"[drmi] target: serving at {service.url}/v2/models/{service.model}/infer", flush=True)
+            log.info(f"target: serving at {service.url}/v2/models/{service.model}/infer")
             acquired = acquire_all(cells, config, service, ray.put(data.pool), ray.put(mi),
                                    os.path.join(work, "acquired"))
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from drmi_ray.data import IMAGE_SUFFIXES, MAX_PIXELS, Pool, decode_image
+from drmi_ray.runtime import init_ray
 
 THUMB = 8  # side of the grey thumbnails that k-means partitions on
 
@@ -228,8 +229,7 @@ def decode_pool(listing: Listing, *, size: int | None = None, mode: str = "L",
     if mode not in ("L", "RGB"):
         raise ValueError(f"mode must be 'L' (grey) or 'RGB', got {mode!r}")
     shape = probe_shape(listing, size, mode, max_pixels)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below counts images and skips
     # one map operator: nothing to reserve resources against; with the reservation on, 2 CPUs ran
@@ -288,8 +288,7 @@ def read_pool(url: str, *, size: int | None = None, mode: str = "L", max_pixels:
     """``list_pool`` + ``decode_pool`` in one call."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return decode_pool(list_pool(url, batch_files=batch_files, cpus=cpus), size=size, mode=mode,
                        max_pixels=max_pixels, progress=progress)

@@ -55,7 +55,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from drmi_ray.runtime import use_cpus
+from drmi_ray.runtime import init_ray, log, use_cpus
 from drmi_ray.mi import LEVELS, entropy_sums, mi_block, to_codes
 
 FORMAT = "drmi-mi-tiles"
@@ -284,8 +284,7 @@ def compute_mi_matrix(images, store_url: str, *, bins: int = LEVELS, color: str 
     manifest = _open_or_create(fs, root, store_url, _manifest(images, codes, bins, color, tile_size, dtype))
     fingerprint = manifest["fingerprint"]
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     if num_gpus_per_task and ray.cluster_resources().get("GPU", 0) < num_gpus_per_task:
         raise ValueError(f"num_gpus_per_task={num_gpus_per_task} but the Ray cluster has "
                          f"{ray.cluster_resources().get('GPU', 0)} GPUs; use 0 for the CPU kernel")
@@ -301,8 +300,8 @@ def compute_mi_matrix(images, store_url: str, *, bins: int = LEVELS, color: str 
     bad = {t: p for t in grid if t in present and (p := problem(*t, data=check_data))}
     todo = [t for t in grid if t not in present or t in bad]
     if bad:
-        print(f"MI store {store_url}: repairing {len(bad)} bad tiles (e.g. tile {next(iter(bad))}: "
-              f"{next(iter(bad.values()))})", flush=True)
+        log.warning(f"MI store {store_url}: repairing {len(bad)} bad tiles (e.g. tile {next(iter(bad))}: "
+                    f"{next(iter(bad.values()))})")
     # GPU tasks default to a fresh worker per call (CUDA start-up per tile); max_calls=0 keeps them
     task = ray.remote(max_calls=0)(_tile_task) if num_gpus_per_task else ray.remote(_tile_task)
     task = task.options(num_cpus=num_cpus_per_task, num_gpus=num_gpus_per_task, max_retries=3)
@@ -361,11 +360,12 @@ def compute_mi_matrix(images, store_url: str, *, bins: int = LEVELS, color: str 
                    "tiles_repaired": len(bad), "tiles_by_other_drivers": len(by_others), "pairs": total,
                    "seconds": time.perf_counter() - start}
     if bad:
-        print(f"MI store {store_url}: repaired {len(bad)} tiles", flush=True)
+        log.warning(f"MI store {store_url}: repaired {len(bad)} tiles")
     return store
 
 
 def _manifest(images, codes, bins, color, tile_size, dtype) -> dict:
+    images = np.asarray(images)  # to_codes accepted it: a uint8 array or an array-like of one
     manifest = {
         "format": FORMAT, "version": VERSION, "n": len(codes), "image_shape": list(np.shape(images)[1:]),
         "pool_sha256": pool_fingerprint(images), "bins": int(bins), "color": color,
@@ -400,7 +400,7 @@ def compute_small_stores(items, *, bins: int = LEVELS, color: str = "flatten", t
         write_tile(fs, root, 0, 0, block, dtype, manifest["fingerprint"])
         computed.append(tile_pairs(len(codes), tile_size, 0, 0))
     if repaired:
-        print(f"compute_small_stores: repaired {repaired} bad tiles", flush=True)
+        log.warning(f"compute_small_stores: repaired {repaired} bad tiles")
     return computed
 
 

@@ -50,6 +50,8 @@ from numba import prange
 from numba.extending import overload
 from numba.cpython.unsafe.numbers import trailing_zeros
 
+from drmi_ray.images import check_images
+
 LEVELS = 256  # uint8 pixel values 0..255 (R = 255 in the paper)
 COLOR_MODES = ("flatten", "luminance")
 ONEHOT_MAX_BINS = 16  # GPU: one-hot matmul up to here (61M pairs/s at 16 on an H200), triton/sort above
@@ -62,7 +64,9 @@ ONEHOT_MAX_BINS = 16  # GPU: one-hot matmul up to here (61M pairs/s at 16 on an 
 def to_codes(a, *, bins: int = LEVELS, color: str = "flatten", name: str = "a") -> np.ndarray:
     """Validate a pool and turn it into integer codes, one row per image.
 
-    a: uint8 ``(n, H, W)`` grey, ``(n, H, W, C)`` colour, or ``(n, D)`` already flat.
+    a: uint8 ``(n, H, W)`` grey, ``(n, H, W, C)`` colour, or ``(n, D)`` already flat, at least
+        one image (validated by ``drmi_ray.images.check_images``: floats are refused with how to
+        convert them; any C with ``"flatten"``).
     bins: number of levels, 2..256; a pixel value x becomes the code ``x * bins // 256``.
     color: ``"flatten"``: every channel of every pixel is one position (d = H·W·C);
         ``"luminance"``: colour images (C = 3) first become BT.601 luma, rounded to uint8 as
@@ -71,20 +75,7 @@ def to_codes(a, *, bins: int = LEVELS, color: str = "flatten", name: str = "a") 
     Returns uint8 ``(n, d)`` codes in ``0..bins-1`` (C-contiguous).
     """
     _check_settings(bins, color)
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy uint8 array of images, got {type(a).__name__}; "
-                        "use np.asarray(..., dtype=np.uint8)")
-    if a.dtype != np.uint8:
-        raise TypeError(
-            f"{name} must be uint8 pixel values 0..255, got dtype {a.dtype}; "
-            "convert floats in [0, 1] with np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)"
-        )
-    if a.ndim not in (2, 3, 4):
-        raise ValueError(f"{name} must have shape (n, H, W), (n, H, W, C) or (n, D); got {a.shape}")
-    if a.shape[0] == 0:
-        raise ValueError(f"{name} is empty: the pool needs at least one image")
-    if a[0].size == 0:
-        raise ValueError(f"{name} has images with no pixels (shape {a.shape})")
+    a = check_images(a, name=name, min_count=1, flat=True, channels=None)  # any C: see color
     if color == "luminance" and a.ndim == 4:
         if a.shape[-1] == 3:
             rgb = a.astype(np.uint32)

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .images import check_images
+
 MODEL_NAMES = ("lenet5", "c3f2", "dnn5", "resnet18", "resnet152", "inception_v3")
 
 
@@ -170,21 +172,6 @@ def build_model(name: str, *, in_channels: int = 1, num_classes: int = 10,
 
 # --------------------------------------------------------------------------- images -> tensors
 
-def check_images(images, *, name: str = "images") -> np.ndarray:
-    """Validate a uint8 image batch ``(n, H, W)`` or ``(n, H, W, C)``; return it as ndarray."""
-    if not isinstance(images, np.ndarray):
-        raise TypeError(f"{name}: expected a numpy uint8 array, got {type(images).__name__}")
-    if images.dtype != np.uint8:
-        extra = ""
-        if np.issubdtype(images.dtype, np.floating) and np.isnan(images).any():
-            extra = " (and it contains NaN)"
-        raise TypeError(f"{name}: expected dtype uint8 (pixel values 0..255), "
-                        f"got {images.dtype}{extra}")
-    if images.ndim not in (3, 4):
-        raise ValueError(f"{name}: expected shape (n, H, W) or (n, H, W, C), got {images.shape}")
-    return images
-
-
 def image_geometry(images: np.ndarray) -> tuple[int, int]:
     """``(in_channels, image_size)`` of a validated uint8 batch (square images expected)."""
     h, w = images.shape[1:3]
@@ -193,25 +180,26 @@ def image_geometry(images: np.ndarray) -> tuple[int, int]:
     return (1 if images.ndim == 3 else images.shape[3]), h
 
 
-def to_tensor(images) -> torch.Tensor:
+def to_tensor(images, *, name: str = "images") -> torch.Tensor:
     """uint8 ``(n, H, W)`` / ``(n, H, W, C)`` -> float32 ``(n, C, H, W)`` in ``[0, 1]``."""
-    images = check_images(images)
+    images = check_images(images, name=name)
     x = torch.from_numpy(images.astype(np.float32)).div_(255.0)  # astype: a writable copy
     if x.ndim == 3:
         return x.unsqueeze(1)
     return x.permute(0, 3, 1, 2).contiguous()
 
 
-def as_float_batch(images) -> torch.Tensor:
-    """Accept uint8 images (as ``to_tensor``) or a float tensor/array ``(n, C, H, W)`` in [0, 1]."""
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
-        return to_tensor(images)
+def as_float_batch(images, *, name: str = "images") -> torch.Tensor:
+    """Accept uint8 images (as ``to_tensor``) or a float tensor/array ``(n, C, H, W)`` in [0, 1]
+    (the models' own input, e.g. PGD examples); anything else goes to ``check_images``."""
+    is_float = (torch.is_floating_point(images) if torch.is_tensor(images)
+                else isinstance(images, np.ndarray) and images.dtype.kind == "f")
+    if not is_float or images.ndim != 4:
+        return to_tensor(images, name=name)  # uint8, or refused by check_images with its one line
     x = torch.as_tensor(images)
-    if not torch.is_floating_point(x) or x.ndim != 4:
-        raise ValueError("images: expected uint8 (n, H, W[, C]) or float (n, C, H, W) in [0, 1], "
-                         f"got dtype {x.dtype} shape {tuple(x.shape)}")
-    if torch.isnan(x).any() or x.min() < 0 or x.max() > 1:
-        raise ValueError("images: float images must be finite and within [0, 1]")
+    if x.numel() and (torch.isnan(x).any() or x.min() < 0 or x.max() > 1):
+        raise ValueError(f"{name}: float images (n, C, H, W) must be finite and within [0, 1]; "
+                         "or pass uint8 pixel values (n, H, W[, C])")
     return x.to(torch.float32)
 
 
@@ -318,7 +306,7 @@ def train_classifier(images, labels, config: TrainConfig | None = None, *,
     Deterministic per ``config.seed`` (same device and torch thread count).
     """
     config = config or TrainConfig()
-    images = check_images(images)
+    images = check_images(images, min_count=1)
     labels = check_labels(labels, len(images), num_classes=config.num_classes)
     in_channels, size = image_geometry(images)
     torch.manual_seed(config.seed)

@@ -31,6 +31,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from .images import check_images
+
 
 class PradaDetector:
     """One client's PRADA state; ``observe`` query batches in order (see the module doc)."""
@@ -57,13 +59,12 @@ class PradaDetector:
         return self.flagged_at is not None
 
     def observe(self, images: np.ndarray, labels) -> bool:
-        """Feed a batch of queries (uint8 ``(n, ...)``) and the target's labels; return ``flagged``."""
-        images = np.asarray(images)
+        """Feed a batch of queries (uint8 ``(n, H, W[, C])`` or flat ``(n, D)``, n >= 1) and the
+        target's labels; return ``flagged``."""
+        images = check_images(images, flat=True, min_count=1)
         labels = np.asarray(labels)
         if labels.ndim == 2:
             labels = labels.argmax(axis=1)
-        if images.dtype != np.uint8 or images.ndim < 2:
-            raise ValueError(f"images must be a uint8 batch (n, ...), got {images.dtype} {images.shape}")
         if labels.shape != (len(images),):
             raise ValueError(f"labels must have shape ({len(images)},), got {labels.shape}")
         flat = images.reshape(len(images), -1).astype(np.float32) / 255.0

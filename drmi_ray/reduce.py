@@ -43,12 +43,9 @@ import numpy as np
 
 from drmi_ray.config import ReduceConfig
 from drmi_ray.data import TORCHVISION_SOURCES, Pool
+from drmi_ray.runtime import bounded, init_ray, log, setup_logging
 
 IMAGES_PER_CLUSTER = 1300  # default k-means granularity: about one ImageNet class per cluster
-
-
-def log(msg: str) -> None:
-    print(f"[drmi] {msg}", flush=True)
 
 
 def check_config(c: ReduceConfig) -> None:
@@ -123,9 +120,9 @@ def _safe(name: str) -> str:
 def partition_pool(pool: Pool, how: str, *, clusters: int | None = None,
                    seed: int = 0) -> tuple[np.ndarray, list[Partition]]:
     """Partition keys (int64 (N,)) and the partitions: by k-means cluster of the thumbnails
-    (``optimize.kmeans_partitions``), by the pool's own labels, or one global partition."""
+    (``partition.kmeans_partitions``), by the pool's own labels, or one global partition."""
     from drmi_ray.ingest import THUMB
-    from drmi_ray.optimize import kmeans_partitions
+    from drmi_ray.partition import kmeans_partitions
 
     n = len(pool)
     if how == "none":
@@ -208,7 +205,7 @@ def compute_stores(pool: Pool, parts: list[Partition], out: str, c: ReduceConfig
     large = [p for p in need if len(p.members) > c.tile_size]
     groups = bundles(small, c.tile_size, int(ray.cluster_resources().get("CPU", 1)))
     pairs = sum(len(p.members) * (len(p.members) - 1) // 2 for p in need)
-    log(f"MI: {len(need)} partition(s), {pairs:,} pairs: {len(small)} small ones in {len(groups)} task(s), "
+    log.info(f"MI: {len(need)} partition(s), {pairs:,} pairs: {len(small)} small ones in {len(groups)} task(s), "
         f"{len(large)} of several tiles of {c.tile_size} ({c.parallel_partitions} at a time)")
     stores = {p.key: f"{out}/mi/{p.name}" for p in need}
     state, lock = {"done": 0, "computed": 0, "partitions": 0}, threading.Lock()
@@ -220,21 +217,20 @@ def compute_stores(pool: Pool, parts: list[Partition], out: str, c: ReduceConfig
             state["computed"] += computed
             state["partitions"] += len(finished)
             el = time.perf_counter() - t0
-            log(f"MI: {state['partitions']}/{len(need)} partitions, {state['done']:,}/{pairs:,} pairs, "
+            log.info(f"MI: {state['partitions']}/{len(need)} partitions, {state['done']:,}/{pairs:,} pairs, "
                 f"{state['computed'] / max(el, 1e-9):,.0f} pairs/s computed, "
                 f"ETA {(pairs - state['done']) * el / max(state['done'], 1):.0f} s")
 
     def run_bundles() -> None:
         task = ray.remote(_bundle_task).options(num_cpus=1, num_gpus=c.gpus_per_tile, max_retries=3)
+
+        def submit(group):
+            items = ray.put([(pool.images[p.members], stores[p.key]) for p in group])
+            return task.remote(items, c.mi.bins, c.mi.color, c.tile_size, c.store_dtype)
+
         window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        pending, queue = {}, list(groups)
-        while queue or pending:
-            while queue and len(pending) < window:
-                group = queue.pop(0)
-                items = ray.put([(pool.images[p.members], stores[p.key]) for p in group])
-                pending[task.remote(items, c.mi.bins, c.mi.color, c.tile_size, c.store_dtype)] = group
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            progress(pending.pop(ready[0]), sum(ray.get(ready[0])))
+        for group, computed in bounded(submit, groups, window):
+            progress(group, sum(computed))
 
     with ThreadPoolExecutor(max_workers=max(1, c.parallel_partitions) + 1) as ex:
         futures = {ex.submit(partition_store, pool, p, out, c): p for p in large}
@@ -254,7 +250,8 @@ def select_all(keys: np.ndarray, parts: list[Partition], stores: dict[int, str],
     its tile store); a partition above ``dense_max`` images is searched by ``select_distributed``'s
     actors reading its tile store (the matrix never in one process)."""
     from drmi_ray.matrix import TileStore
-    from drmi_ray.optimize import select_distributed, select_partitioned
+    from drmi_ray.optimize import select_distributed
+    from drmi_ray.partition import select_partitioned
 
     def partition_mi(indices):
         return TileStore(stores[int(keys[indices[0]])]).to_dense()
@@ -263,7 +260,7 @@ def select_all(keys: np.ndarray, parts: list[Partition], stores: dict[int, str],
     small = np.ones(len(keys), dtype=bool)
     chosen, objective = [], 0.0
     for p in big:
-        log(f"select: {p.name} has {len(p.members):,} images > dense_max; {c.num_actors} optimizer actors")
+        log.info(f"select: {p.name} has {len(p.members):,} images > dense_max; {c.num_actors} optimizer actors")
         sel = select_distributed(stores[p.key], p.budget, num_actors=c.num_actors, seed=c.seed)
         chosen.append(p.members[sel.indices])
         objective += sel.objective
@@ -279,7 +276,7 @@ def select_all(keys: np.ndarray, parts: list[Partition], stores: dict[int, str],
 
 def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> dict:
     """Partition, compute MI per partition, select per partition; returns selection.json's dict."""
-    from drmi_ray.optimize import partition_budgets
+    from drmi_ray.partition import partition_budgets
 
     if c.budget > len(pool):
         raise ValueError(f"budget {c.budget} is larger than the pool ({len(pool)} decodable images, "
@@ -290,13 +287,13 @@ def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> dict:
     for p in parts:
         p.budget = budgets[p.key]
     sizes = [len(p.members) for p in parts]
-    log(f"partition: {c.partition}, {len(parts)} partition(s) of {min(sizes)}..{max(sizes)} images; "
+    log.info(f"partition: {c.partition}, {len(parts)} partition(s) of {min(sizes)}..{max(sizes)} images; "
         f"budgets {min(budgets.values())}..{max(budgets.values())} (sum {c.budget})")
     t_mi = time.perf_counter()
     stores, mi_stats = compute_stores(pool, parts, out, c)
     t_sel = time.perf_counter()
     selected, objective = select_all(keys, parts, stores, c.budget, c)
-    log(f"select: {len(selected)} images, objective {objective:.4f}, {time.perf_counter() - t_sel:.1f} s")
+    log.info(f"select: {len(selected)} images, objective {objective:.4f}, {time.perf_counter() - t_sel:.1f} s")
     if len(selected) != c.budget:
         raise RuntimeError(f"selection has {len(selected)} images, expected {c.budget}")
     inside = np.zeros(len(pool), dtype=bool)
@@ -326,42 +323,36 @@ def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> dict:
 
 # --------------------------------------------------------------------------- the whole run
 
-def init_ray(address: str | None = None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    ray.init(address=address) if address else ray.init()
-    res = ray.cluster_resources()
-    log(f"Ray: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
-
-
 def run_reduce(c: ReduceConfig, out: str, *, address: str | None = None) -> dict:
     """The whole job: pool -> selection.json (and config.json) in ``out``; with ``c.target``, the
     attack with the selection too. Returns the selection dict."""
-    from drmi_ray import report
+    import ray
 
+    from drmi_ray import report
     from drmi_ray.config import check_out
 
     check_config(c)
     out = check_out(out)
     t0 = time.perf_counter()
+    setup_logging()
     init_ray(address)
+    res = ray.cluster_resources()
+    log.info(f"Ray: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
     pool = load(c)
-    log(f"pool: {len(pool)} images of {pool.images.shape[1:]} from {c.data} ({len(pool.skipped)} skipped)")
+    log.info(f"pool: {len(pool)} images of {pool.images.shape[1:]} from {c.data} ({len(pool.skipped)} skipped)")
     for s in pool.skipped[:20]:
-        log(f"skipped {s['path']}: {s['reason']}")
+        log.info(f"skipped {s['path']}: {s['reason']}")
     if len(pool.skipped) > 20:
-        log(f"... and {len(pool.skipped) - 20} more skipped files (all listed in selection.json)")
+        log.info(f"... and {len(pool.skipped) - 20} more skipped files (all listed in selection.json)")
     result = reduce_pool(pool, c, out)
     result["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     report.write_text(f"{out}/config.json", json.dumps(c.to_dict(), indent=1))
     report.write_text(f"{out}/selection.json", json.dumps(result, indent=1))
-    log(f"selected {len(result['selected'])} of {result['n_images']} images ({len(result['skipped'])} skipped) "
+    log.info(f"selected {len(result['selected'])} of {result['n_images']} images ({len(result['skipped'])} skipped) "
         f"in {result['seconds']['total']:.1f} s; wrote {out}/selection.json")
     if c.target:
         attack_with_selection(pool, result, c, out)
-        log(f"wrote {out}/report.md")
+        log.info(f"wrote {out}/report.md")
     return result
 
 
@@ -373,7 +364,7 @@ def query_target(client, images: np.ndarray, *, batch: int = 256) -> np.ndarray:
     for start in range(0, len(images), batch):
         answer = client.query(images[start:start + batch])
         labels[start:start + len(answer)] = answer if answer.ndim == 1 else answer.argmax(1)
-        log(f"query: {min(start + batch, len(images))}/{len(images)} images answered")
+        log.info(f"query: {min(start + batch, len(images))}/{len(images)} images answered")
     return labels
 
 
@@ -452,7 +443,7 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str) -
         answers[order] = query_target(client, images[order])
         queries = service.usage("drmi-reduce")["used"]
     timings["queries"] = time.perf_counter() - t
-    log(f"target answered {len(images)} images; it charged {queries} queries")
+    log.info(f"target answered {len(images)} images; it charged {queries} queries")
 
     t = time.perf_counter()
     train = dataclasses.replace(c.substitute, num_classes=int(ckpt["num_classes"]), seed=c.seed)
@@ -469,6 +460,6 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str) -
              f"substitute: {c.substitute.model} (random init), test: {c.test or 'see referee_test'} "
              f"({len(test_images)} images)"]
     report.write_run(out, rows, config=c.to_dict(), timings=timings, notes=notes)
-    log(f"substitute {c.substitute.model}: accuracy {scores['accuracy']:.3f}, fidelity {scores['fidelity']:.3f}, "
+    log.info(f"substitute {c.substitute.model}: accuracy {scores['accuracy']:.3f}, fidelity {scores['fidelity']:.3f}, "
         f"transfer rate {scores['transfer_rate']:.3f}")
     return rows

@@ -48,9 +48,10 @@ import ray
 import torch
 from torch import nn
 
-from .runtime import use_cpus
-from .models import (TrainConfig, build_model, check_images, check_labels, fit_model,
-                     image_geometry, num_steps, predict, to_tensor)
+from .runtime import init_ray, log, use_cpus
+from .images import check_images
+from .models import (TrainConfig, build_model, check_labels, fit_model, image_geometry,
+                     num_steps, predict, to_tensor)
 
 
 CHECKPOINT_DIR = "checkpoint_final"  # the checkpoint's folder inside the Train run folder
@@ -176,11 +177,10 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
     ``weights`` (the ``state_dict`` file in it, for ``torch.load(..., weights_only=True)``).
     """
     jobs = list(jobs)
+    jobs = [(check_images(images, name="images" if len(jobs) == 1 else f"jobs[{i}] images", min_count=1),
+             labels, config) for i, (images, labels, config) in enumerate(jobs)]
     for images, labels, config in jobs:
-        check_images(images)
         check_labels(labels, len(images), num_classes=config.num_classes)
-        if len(images) == 0:
-            raise ValueError("images: cannot fit a substitute on an empty set")
     if not jobs:
         return ([], []) if return_info else []
     if not isinstance(num_workers, int) or num_workers < 0:
@@ -191,8 +191,7 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
                          f"itself and needs a local path, got {storage_path!r}")
     name = name or f"substitutes-{uuid.uuid4().hex[:8]}"
     run_path = os.path.join(storage_path, name)
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     if num_workers > 1:
         shares, workers = None, num_workers
     else:
@@ -205,8 +204,8 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
         workers = len(shares)
     cfg = {"jobs": [(ray.put((x, check_labels(y, len(x)))), c.to_dict()) for x, y, c in jobs],
            "shares": shares, "use_gpu": use_gpu, "local_checkpoint": None}
-    print(f"[drmi]   fitting {len(jobs)} substitute(s) in one Ray Train run, {workers} worker(s)"
-          f"{' (DDP)' if shares is None else ' (local mode)' if num_workers == 0 else ''}", flush=True)
+    log.info(f"  fitting {len(jobs)} substitute(s) in one Ray Train run, {workers} worker(s)"
+          f"{' (DDP)' if shares is None else ' (local mode)' if num_workers == 0 else ''}")
     if num_workers == 0:
         # Local mode runs the loop in the calling process: one Ray task per share keeps the
         # shares in separate processes, side by side.

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import TrainConfig, build_model, check_images, image_geometry, predict, train_classifier
+from .images import check_images
+from .models import TrainConfig, build_model, image_geometry, predict, train_classifier
 
 _CHECKPOINT_KEYS = ("model", "in_channels", "num_classes", "image_size", "state_dict")
 
@@ -47,7 +48,7 @@ def train_target(images, labels, checkpoint_path: str, *,
     ``config`` (the TrainConfig as a dict).
     """
     config = config or TrainConfig()
-    images = check_images(images)
+    images = check_images(images, min_count=1)
     in_channels, size = image_geometry(images)
     t0 = time.perf_counter()
     model = train_classifier(images, labels, config)

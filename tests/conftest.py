@@ -68,12 +68,30 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def lenet5_target(digits):
-    """A LeNet-5 target trained on 1,000 bundled digits and the permutation that chose them
-    (``perm[:1000]``); later slices of ``perm`` are images it never saw."""
-    from drmi_ray.models import TrainConfig, train_classifier
+def lenet5_checkpoint(digits, tmp_path_factory):
+    """The session's one trained target: LeNet-5, Adam 2e-3, 20 epochs (320 steps) on 1,000
+    bundled digits, ``perm[:1000]`` of ``perm = default_rng(0).permutation(5000)``, trained and
+    saved by ``train_target``. Returns ``(checkpoint path, train_target's metadata, perm)``;
+    later slices of ``perm`` are images it never saw.
+
+    Trained once per session: every test that needs "a trained target" (a model, or a
+    checkpoint to serve) takes this one; test_target.py checks what ``train_target`` wrote and
+    test_models.py the held-out accuracy of this training. Read-only: tests copy it to change it.
+    """
+    from drmi_ray.models import TrainConfig
+    from drmi_ray.target import train_target
 
     images, labels = digits
     perm = np.random.default_rng(0).permutation(len(images))
-    target = train_classifier(images[perm[:1000]], labels[perm[:1000]], TrainConfig(model="lenet5", lr=2e-3))
-    return target, perm
+    path = str(tmp_path_factory.mktemp("lenet5-target") / "target.pt")
+    meta = train_target(images[perm[:1000]], labels[perm[:1000]], path, config=TrainConfig(model="lenet5", lr=2e-3))
+    return path, meta, perm
+
+
+@pytest.fixture(scope="session")
+def lenet5_target(lenet5_checkpoint):
+    """The session's target (``lenet5_checkpoint``) loaded as a model, and its ``perm``."""
+    from drmi_ray.target import load_classifier
+
+    path, _, perm = lenet5_checkpoint
+    return load_classifier(path), perm

@@ -1,6 +1,7 @@
 """Baselines: every method spends exactly its budget through the query function, by its stated rule.
 
-Real digits, a real target (LeNet-5 trained here on 1,000 bundled digits), real substitutes.
+Real digits, a real target (the session's LeNet-5 on 1,000 bundled digits, conftest
+``lenet5_target``), real substitutes.
 """
 
 import dataclasses
@@ -18,7 +19,6 @@ from drmi_ray.models import TrainConfig, predict, predict_proba, train_classifie
 BUDGET = 30
 # Small, fast substitutes for the methods that train one (cpb, trace, jbda).
 FAST = TrainConfig(model="lenet5", epochs=15, min_steps=0, batch_size=32)
-TARGET = TrainConfig(model="lenet5", epochs=6, min_steps=0)  # ~0.8 held-out accuracy, 96 steps
 
 
 class CountingTarget:
@@ -34,12 +34,10 @@ class CountingTarget:
 
 
 @pytest.fixture(scope="module")
-def world(digits):
-    images, labels = digits
-    perm = np.random.default_rng(0).permutation(len(images))
-    target = train_classifier(images[perm[:1000]], labels[perm[:1000]], TARGET)
-    pool = images[perm[1000:1300]]
-    return target, pool
+def world(digits, lenet5_target):
+    """The session's target and a pool of 300 digits it never saw."""
+    target, perm = lenet5_target
+    return target, digits[0][perm[1000:1300]]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +87,7 @@ def test_method_spends_exactly_its_budget(method, runs, world):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_is_deterministic_per_seed(method, runs):
+def test_method_repeats_its_queries_per_seed_and_changes_them_with_the_seed(method, runs):
     a, b = runs[method, "a"][0], runs[method, "b"][0]
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.labels, b.labels)
@@ -98,7 +96,7 @@ def test_method_is_deterministic_per_seed(method, runs):
         assert not np.array_equal(a.indices, runs[method, "c"][0].indices)
 
 
-def test_drmi_and_cmal_use_the_optimizer_on_their_matrix(runs, world, mi):
+def test_drmi_and_cmal_query_the_optimizers_pick_on_their_matrix_in_a_seeded_shuffle(runs, world, mi):
     from drmi_ray.optimize import select
 
     pool = world[1]
@@ -121,7 +119,7 @@ def test_coverage_methods_query_the_greedy_pick_order_of_their_objective(runs, m
 
 
 def test_drmi_typical_takes_the_most_typical_image_of_each_kmeans_cluster(runs, world, mi):
-    from drmi_ray.optimize import kmeans_partitions
+    from drmi_ray.partition import kmeans_partitions
 
     pool = world[1]
     nmi = normalized_mi(mi, "sqrt")
@@ -138,14 +136,45 @@ def test_drmi_typical_takes_the_most_typical_image_of_each_kmeans_cluster(runs, 
         assert typicality[members == i][0] == pytest.approx(typicality.max(), abs=1e-12)
 
 
-def test_cmal_matrix_is_abs_corrcoef(world):
+# 2x2 images whose correlations are known by hand. Centred and scaled, A, C and F are the sign
+# patterns (-1,-1,1,1), (-1,1,-1,1), (1,-1,-1,1): orthogonal, correlation 0. E centred is
+# proportional to (1,1,1,-3): its dot product with each of the three is -4, the norms are 2 and
+# sqrt(12), so its correlation with each is -1/sqrt(3). D is A rescaled (correlation 1 with A,
+# 0 with C and F); K is constant (undefined: counted as 1, fully redundant, diagonal included).
+HAND = {"A": [0, 0, 255, 255], "C": [0, 255, 0, 255], "F": [255, 0, 0, 255], "E": [255, 255, 255, 0],
+        "D": [10, 10, 20, 20], "K": [7, 7, 7, 7]}
+R3 = 1 / np.sqrt(3)
+
+
+def hand_pool(names):
+    return np.array([HAND[n] for n in names], dtype=np.uint8).reshape(len(names), 2, 2)
+
+
+def test_cmal_matrix_is_the_absolute_correlation_known_by_hand_and_1_for_a_constant_image():
+    expected = np.array([  # A, C, F, E, D, K
+        [1, 0, 0, R3, 1, 1],
+        [0, 1, 0, R3, 0, 1],
+        [0, 0, 1, R3, 0, 1],
+        [R3, R3, R3, 1, R3, 1],
+        [1, 0, 0, R3, 1, 1],
+        [1, 1, 1, 1, 1, 1],
+    ])
+    np.testing.assert_allclose(correlation_matrix(hand_pool("ACFEDK")), expected, rtol=0, atol=1e-12)
+
+
+def test_cmal_matrix_on_real_digits_equals_the_mean_product_of_z_scores(world):
     pool = world[1][:50]
-    flat = pool.reshape(50, -1).astype(np.float64)
-    np.testing.assert_allclose(correlation_matrix(pool), np.abs(np.corrcoef(flat)), rtol=0, atol=1e-12)
-    blank = pool.copy()
-    blank[3] = 7  # a constant image: its correlations are undefined, treated as fully redundant
-    c = correlation_matrix(blank)
-    assert np.isfinite(c).all() and (c[3] == 1).all() and (c[:, 3] == 1).all()
+    x = pool.reshape(50, -1).astype(np.float64)
+    z = (x - x.mean(axis=1, keepdims=True)) / x.std(axis=1, keepdims=True)
+    np.testing.assert_allclose(correlation_matrix(pool), np.abs(z @ z.T) / x.shape[1], rtol=0, atol=1e-12)
+
+
+def test_cmal_queries_the_one_uncorrelated_triple_of_a_hand_made_pool():
+    """E, A, K, C, F, budget 3: only {A, C, F} has no correlated pair (sum 0); any set with E
+    sums >= 2/sqrt(3), any with K >= 2. Signed correlations would pick E (-1/sqrt(3) pairs)."""
+    pool = hand_pool("EAKCF")
+    got = acquire("cmal", pool, 3, lambda x: np.zeros(len(x), dtype=np.int64), seed=0)
+    assert sorted(got.indices.tolist()) == [1, 3, 4]
 
 
 def _greedy_kcenter_brute(x, k, first):
@@ -219,7 +248,7 @@ def test_farthest_traces_matches_brute_force_hamming():
     assert got == chosen[2:]
 
 
-def test_activation_traces_cover_every_relu(world):
+def test_activation_traces_pack_one_bit_per_relu_output(world):
     model = world[0]
     traces = baselines.activation_traces(model, world[1][:5])
     # LeNet-5 ReLUs: 6x28x28 + 16x10x10 + 120 + 84 = 6508 bits
@@ -256,7 +285,7 @@ def test_jbda_steps_are_lambda_quantised_and_flip_every_tau_rounds(runs, world):
     np.testing.assert_array_equal(got.indices[:10], baselines.random_indices(len(pool), 10, 0))
 
 
-def test_query_answering_probabilities_is_accepted(world):
+def test_a_query_answering_probabilities_is_read_as_its_argmax(world):
     target, pool = world
     got = acquire("random", pool, 12, lambda x: predict_proba(target, x), seed=0)
     np.testing.assert_array_equal(got.labels, predict(target, got.images))
@@ -270,9 +299,9 @@ def test_query_answering_probabilities_is_accepted(world):
     (dict(method="drmi", budget=10), "drmi needs the pool's pairwise MI matrix"),
     (dict(method="drmi", budget=10, mi=np.zeros((5, 5))), r"mi has shape \(5, 5\)"),
     (dict(method="cmal", budget=1), "cmal needs budget >= 2"),
-    (dict(method="random", budget=10, pool_images="floats"), "pool_images must be a uint8"),
+    (dict(method="random", budget=10, pool_images="floats"), "pool_images must be uint8"),
 ])
-def test_bad_input_is_one_clear_value_error(kwargs, match, world):
+def test_bad_input_is_a_one_line_value_error_and_spends_nothing(kwargs, match, world):
     target, pool = world
     counter = CountingTarget(target)
     kwargs = dict(kwargs)
@@ -285,7 +314,7 @@ def test_bad_input_is_one_clear_value_error(kwargs, match, world):
     assert counter.images == 0  # nothing spent
 
 
-def test_a_query_that_loses_answers_is_an_error(world):
+def test_a_query_returning_fewer_labels_than_images_is_a_value_error(world):
     pool = world[1]
     with pytest.raises(ValueError, match="one label per image"):
         acquire("random", pool, 10, lambda x: np.zeros(len(x) - 1, dtype=np.int64), seed=0)

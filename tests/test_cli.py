@@ -63,7 +63,7 @@ def test_run_settings_are_checked_up_front(tmp_path, capsys, no_work, flags, opt
     assert not (tmp_path / "run").exists()
 
 
-def test_config_checks_refuse_bools_and_late_failures():
+def test_config_checks_refuse_bools_and_values_that_would_fail_late():
     from drmi_ray.config import ExperimentConfig, ReduceConfig, SelectionConfig, TargetConfig
 
     with pytest.raises(ValueError, match="--budgets"):
@@ -91,7 +91,7 @@ def test_reduce_numbers_are_checked_up_front(tmp_path, capsys, no_work, flag):
 
 
 @pytest.mark.parametrize("command", ["run", "reduce"])
-def test_out_that_is_a_file_is_one_line(tmp_path, capsys, no_work, command):
+def test_out_that_is_a_file_or_under_a_file_is_refused_in_one_line(tmp_path, capsys, no_work, command):
     a_file = tmp_path / "results.txt"
     a_file.write_text("not a folder")
     args = ["run", "--out", str(a_file)] if command == "run" else reduce_args(a_file)
@@ -105,14 +105,14 @@ def test_out_that_is_a_file_is_one_line(tmp_path, capsys, no_work, command):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_unwritable_out_is_one_line(tmp_path, capsys, no_work):
+def test_unwritable_out_is_refused_in_one_line(tmp_path, capsys, no_work):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     assert main(reduce_args(locked / "run")) == 2
     assert "cannot be created or written" in one_line(capsys)
 
 
-def test_out_is_probed_and_left_clean(tmp_path):
+def test_check_out_creates_the_folder_empty_and_drops_the_trailing_slash(tmp_path):
     from drmi_ray.config import check_out
 
     out = check_out(f"{tmp_path}/new/run/")
@@ -154,7 +154,7 @@ def test_errors_from_inside_the_command_are_one_line(tmp_path, capsys, monkeypat
         assert "Traceback (most recent call last)" in err and "fails" in err
 
 
-def test_run_errors_are_one_line_too(tmp_path, capsys, monkeypatch):
+def test_an_error_inside_drmi_run_is_one_line_too(tmp_path, capsys, monkeypatch):
     def fails(config, out):
         raise task_error()
 

@@ -71,7 +71,7 @@ def test_image_folder_reads_real_pngs_and_names_the_corrupt_file(ray_local, tmp_
     assert len(load_pool(f"file://{root}", on_error="skip")) == 12
 
 
-def test_parquet_shards(ray_local, tmp_path, digits):
+def test_parquet_shards_read_in_order_and_a_junk_row_is_named_or_skipped(ray_local, tmp_path, digits):
     import io
 
     def png(a):
@@ -103,7 +103,7 @@ def write_idx(path, array):
         f.write(array.astype(np.uint8).tobytes())
 
 
-def test_torchvision_mnist_from_local_files(tmp_path, digits):
+def test_torchvision_mnist_reads_local_idx_files_and_asks_for_download_without_them(tmp_path, digits):
     images, labels = digits
     with pytest.raises(FileNotFoundError, match="download"):
         load_pool(f"mnist:{tmp_path}")
@@ -119,7 +119,7 @@ def test_torchvision_mnist_from_local_files(tmp_path, digits):
     assert np.array_equal(test.images, images[300:400])
 
 
-def test_unknown_pool_source_is_a_clear_error(tmp_path):
+def test_a_missing_pool_path_is_a_file_not_found_error_listing_the_known_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="bundled-mnist"):
         load_pool(str(tmp_path / "nowhere"))
 

@@ -85,8 +85,10 @@ class LocalCluster:
     """A head node and one more node on this machine, each a blocking `ray start` child."""
 
     def __init__(self):
-        # AF_UNIX socket paths (TEMP/session_.../sockets/...) must stay under 108 bytes: a short
-        # dir in /tmp rather than pytest's long tmp_path.
+        # AF_UNIX socket paths (TEMP/session_<date>_<time>_<us>_<pid>/sockets/plasma_store, ~62
+        # bytes under TEMP) must stay under 108 bytes: pytest's tmp_path (/tmp/pytest-of-USER/
+        # pytest-N/<30 characters of the test name>0/, ~55 bytes) is too long, so a short dir of
+        # its own in /tmp, one per test (mkdtemp), removed by stop() (the fixture asserts it).
         self.temp_dir = tempfile.mkdtemp(prefix="rjs-", dir="/tmp")
         self.token = os.urandom(32).hex()
         token_path = os.path.join(self.temp_dir, "auth_token")
@@ -240,9 +242,10 @@ def cluster():
     finally:
         left = c.stop()
         assert not left, f"Ray processes of this test still alive after teardown: {left}"
+        assert not os.path.exists(c.temp_dir), f"the cluster's temp dir {c.temp_dir} was left behind"
 
 
-def test_ray_job_submit_two_nodes(cluster, image_folder, tmp_path):
+def test_ray_job_submit_with_a_token_runs_the_imagenet_job_on_both_nodes(cluster, image_folder, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     assert len(cluster.alive_nodes()) == 2

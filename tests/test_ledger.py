@@ -4,6 +4,7 @@ crash rules (a torn tail is cut at any byte, a damaged middle refuses to start),
 import os
 import threading
 
+import numpy as np
 import pytest
 
 from drmi_ray.ledger import (JournalCorrupt, Ledger, Refused, api_key, check_key_settings, images_digest, key_name,
@@ -200,18 +201,27 @@ def test_a_journal_is_refused_for_another_target_and_while_another_ledger_holds_
         Ledger(path, operator, {**SERVICE, "checkpoint_sha256": "cd" * 32})
 
 
-def test_prada_is_per_key_and_rebuilt_from_the_journal(tmp_path, operator, digits):
-    images = digits[0]
+def test_prada_flags_a_key_at_its_query_count_per_key_and_the_flag_is_rebuilt_from_the_journal(
+        tmp_path, operator, digits):
+    """A stream PRADA must flag: 130 images one grey level apart, one class, so every distance is
+    1/255 up to float32 rounding, as far from normal as it gets (W about 0.15 < delta 0.95) at
+    its first test: after 110 queries, the first multiple of 10 with more than 100 distances.
+    The key's usage reports that count; another key is untouched."""
+    ramp = np.zeros((130, 4, 4), dtype=np.uint8)
+    ramp[:, 0, 0] = np.arange(130)
     path = str(tmp_path / "j.jsonl")
     ledger = Ledger(path, operator, SERVICE)
     ledger.create_key("watched", budget=500, prada_delta=0.95)
     ledger.create_key("other", budget=500, prada_delta=0.95)
-    for i in range(0, 300, 20):
-        ask(ledger, "watched", f"r{i}", images[i:i + 20], labels=digits[1][i:i + 20].tolist())
-    ask(ledger, "other", "r0", images[:5], labels=digits[1][:5].tolist())
+    for i in range(0, 130, 20):
+        ask(ledger, "watched", f"r{i}", ramp[i:i + 20], labels=[0] * len(ramp[i:i + 20]))
+    ask(ledger, "other", "r0", digits[0][:5], labels=digits[1][:5].tolist())
     before = ledger.prada_state("watched")
-    assert before["queries"] == 300 and before["distances"] > 100 and ledger.prada_state("other")["queries"] == 5
+    assert before["queries"] == 130 and before["distances"] == 129 and before["flagged_at"] == 110
+    assert ledger.usage("watched")["prada_flagged_at"] == 110
+    assert ledger.prada_state("other")["queries"] == 5 and ledger.usage("other")["prada_flagged_at"] is None
     ledger.close()
     again = Ledger(path, operator, SERVICE)
     assert again.prada_state("watched") == before
-    assert again.usage("watched")["prada_flagged_at"] == before["flagged_at"]
+    assert again.usage("watched")["prada_flagged_at"] == 110
+    assert again.usage("other")["prada_flagged_at"] is None

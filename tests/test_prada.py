@@ -7,20 +7,18 @@ import pytest
 from scipy import stats
 
 from drmi_ray.baselines import acquire
-from drmi_ray.models import TrainConfig, predict, predict_proba, train_classifier
+from drmi_ray.models import TrainConfig, predict, predict_proba
 from drmi_ray.prada import PradaDetector, round_probs, top1
 
 FAST = TrainConfig(model="lenet5", epochs=15, min_steps=0, batch_size=32)
 
 
 @pytest.fixture(scope="module")
-def world(digits):
-    """A real target (LeNet-5 on 600 digits) and an attacker pool of 1,000 other digits."""
-    images, labels = digits
-    perm = np.random.default_rng(1).permutation(len(images))
-    target = train_classifier(images[perm[:600]], labels[perm[:600]],
-                              TrainConfig(model="lenet5", epochs=6, min_steps=0))
-    return target, images[perm[600:1600]]
+def world(digits, lenet5_target):
+    """A real target (the session's LeNet-5, conftest) and an attacker pool of 1,000 digits it
+    never saw, in random order (not the bundled file's class order)."""
+    target, perm = lenet5_target
+    return target, digits[0][perm[1000:2000]]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +52,7 @@ def reference_prada(images, labels, delta=0.95):
     return tests, flagged_at
 
 
-def test_natural_digit_streams_are_not_flagged(world):
+def test_natural_digit_streams_are_not_flagged_in_300_queries(world):
     target, pool = world
     for seed in range(3):
         order = np.random.default_rng(seed).permutation(len(pool))[:300]
@@ -67,17 +65,19 @@ def test_natural_digit_streams_are_not_flagged(world):
         assert min(w for _, w in det.tests) > 0.95
 
 
-def test_a_jbda_stream_is_flagged(jbda_stream):
+def test_a_jbda_stream_is_flagged_within_160_queries_whatever_the_batch_size(jbda_stream):
     images, labels = jbda_stream
     det = PradaDetector(delta=0.95)
-    for start in range(0, len(images), 7):  # batch boundaries do not matter
+    for start in range(0, len(images), 7):
         det.observe(images[start:start + 7], labels[start:start + 7])
-    assert det.flagged and det.flagged_at is not None and det.flagged_at <= 160
-    assert det.flagged_at % 10 == 0 and det.flagged_at > 100
+    assert det.flagged and 100 < det.flagged_at <= 160 and det.flagged_at % 10 == 0
     assert min(w for _, w in det.tests) < 0.95
+    whole = PradaDetector(delta=0.95)  # batch boundaries do not matter: the same stream at once
+    whole.observe(images, labels)
+    assert whole.flagged_at == det.flagged_at and whole.tests == det.tests
 
 
-def test_detector_follows_the_stated_rule(jbda_stream, world):
+def test_detector_flags_and_tests_as_a_plain_reference_of_the_stated_rule(jbda_stream, world):
     pool = world[1]
     natural = pool[:200], predict(world[0], pool[:200])
     for images, labels in (jbda_stream, natural):
@@ -106,7 +106,7 @@ def test_a_query_near_its_class_set_is_not_added_but_counted():
     assert det.state()["set_sizes"] == {0: 3, 1: 1} and len(det.distances) == 3
 
 
-def test_flag_is_sticky_and_state_is_plain_data():
+def test_flag_is_sticky_at_its_first_query_count_and_state_is_json():
     images = np.zeros((130, 4, 4), dtype=np.uint8)
     images[:, 0, 0] = np.arange(130)  # distances all 1/255: degenerate, not normal
     det = PradaDetector()
@@ -128,7 +128,7 @@ def test_bad_settings_are_value_errors(args, match):
         PradaDetector(**args)
 
 
-def test_bad_batches_are_value_errors():
+def test_bad_batches_are_value_errors_and_count_no_query():
     det = PradaDetector()
     with pytest.raises(ValueError, match="uint8"):
         det.observe(np.zeros((2, 4, 4), dtype=np.float32), [0, 1])
@@ -137,7 +137,7 @@ def test_bad_batches_are_value_errors():
     assert det.queries == 0
 
 
-def test_output_options(world):
+def test_round_probs_keeps_its_decimals_and_top1_keeps_only_the_top_probability(world):
     target, pool = world
     probs = predict_proba(target, pool[:50])
     r = round_probs(probs, 1)

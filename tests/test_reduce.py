@@ -70,7 +70,7 @@ def read_json(path):
         return json.load(f)
 
 
-def test_partitions_and_proportional_budgets():
+def test_partition_pool_by_label_kmeans_or_none_and_budgets_follow_sizes():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (100, 12, 12), dtype=np.uint8)
     labels = np.repeat([0, 1, 2], [50, 30, 20])
@@ -78,7 +78,7 @@ def test_partitions_and_proportional_budgets():
     keys, parts = reduce.partition_pool(pool, "label")
     assert [p.name for p in parts] == ["0000-cat", "0001-dog", "0002-a_b"]
     assert [len(p.members) for p in parts] == [50, 30, 20]
-    from drmi_ray.optimize import partition_budgets
+    from drmi_ray.partition import partition_budgets
 
     assert partition_budgets(keys, 10) == {0: 5, 1: 3, 2: 2}
     keys, parts = reduce.partition_pool(pool, "kmeans", clusters=4)
@@ -184,7 +184,7 @@ def test_parquet_shards_without_labels_use_kmeans_by_default(ray_local, digits, 
     assert len(sel["partitions"]) == 3 and sum(p["budget"] for p in sel["partitions"]) == 12
 
 
-def test_label_partition_needs_labels(ray_local, digits, tmp_path, capsys):
+def test_label_partition_without_labels_exits_2_and_partition_none_selects(ray_local, digits, tmp_path, capsys):
     images, _ = digits
     root = tmp_path / "flat"
     root.mkdir()
@@ -206,7 +206,7 @@ def test_large_partition_uses_optimizer_actors(ray_local, image_folder, tmp_path
     assert len(sel["selected"]) == 10 and sel["partitions"][0]["size"] == 300
 
 
-def test_bad_arguments_are_clear(ray_local, image_folder, tmp_path, capsys):
+def test_missing_data_zero_budget_and_budget_above_the_pool_exit_2_naming_the_problem(ray_local, image_folder, tmp_path, capsys):
     assert drmi_reduce("--data", tmp_path / "missing", "--budget", 4, "--out", tmp_path / "r") == 2
     assert "does not exist" in capsys.readouterr().err
     assert drmi_reduce("--data", image_folder, "--budget", 0, "--out", tmp_path / "r") == 2
@@ -227,18 +227,6 @@ def test_mixed_sizes_without_size_is_a_clear_error(ray_local, digits, tmp_path, 
     assert "pass --size" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def target_ckpt(digits, tmp_path_factory):
-    from drmi_ray.models import TrainConfig
-    from drmi_ray.target import train_target
-
-    images, labels = digits
-    ckpt = str(tmp_path_factory.mktemp("target") / "target.pt")
-    pick = np.random.default_rng(1).choice(len(images), 600, replace=False)  # the digits are sorted by class
-    train_target(images[pick], labels[pick], ckpt, config=TrainConfig(model="lenet5", epochs=1, min_steps=60))
-    return ckpt
-
-
 def attack_argv(image_folder, out, ckpt, substitute, port):
     return ["reduce", "--data", str(image_folder), "--budget", "20", "--out", str(out), "--size", "20",
             "--serve-port", str(port),
@@ -247,13 +235,14 @@ def attack_argv(image_folder, out, ckpt, substitute, port):
             "--substitute-workers", "0"]  # Train V2 local mode: real Ray Train workers are tested in test_substitute
 
 
-def test_optional_attack_stage(ray_local, image_folder, target_ckpt, tmp_path, serve_port):
+def test_target_stage_charges_the_budget_once_and_a_rerun_nothing_more(ray_local, image_folder, lenet5_checkpoint,
+                                                                       tmp_path, serve_port):
     """--target: serve the target, query it with the selection over HTTP, fit a substitute,
     attack; a rerun gets the journal's stored answers and is charged nothing more."""
     from drmi_ray.ledger import read_journal
 
     out = tmp_path / "run"
-    argv = attack_argv(image_folder, out, target_ckpt, "lenet5", serve_port)
+    argv = attack_argv(image_folder, out, lenet5_checkpoint[0], "lenet5", serve_port)  # the session's target
     assert main(argv) == 0
     (row,) = read_json(out / "results.json")
     assert row["queries"] == 20 and row["budget"] == 20 and row["substitute"] == "lenet5"
@@ -275,16 +264,16 @@ def test_optional_attack_stage(ray_local, image_folder, target_ckpt, tmp_path, s
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("substitute", ["resnet18", "inception_v3"])
-def test_optional_attack_stage_torchvision_substitutes(ray_local, image_folder, target_ckpt,
-                                                       tmp_path, substitute, serve_port):
+def test_target_stage_fits_torchvision_substitutes(ray_local, image_folder, lenet5_checkpoint,
+                                                   tmp_path, substitute, serve_port):
     """The torchvision substitutes (random init) through the same path (≈ 1.5 min each on 2 cores)."""
     out = tmp_path / "run"
-    assert main(attack_argv(image_folder, out, target_ckpt, substitute, serve_port)) == 0
+    assert main(attack_argv(image_folder, out, lenet5_checkpoint[0], substitute, serve_port)) == 0
     (row,) = read_json(out / "results.json")
     assert row["queries"] == 20 and row["substitute"] == substitute
 
 
-def test_cifar10_source_on_a_stand_in_pool(ray_local, monkeypatch, tmp_path):
+def test_cifar10_source_selects_among_its_first_pool_size_rgb_images(ray_local, monkeypatch, tmp_path):
     """cifar10:ROOT (jobs/cifar10.py's pool) with torchvision's loader replaced by 120 colour
     images (no download here)."""
     import drmi_ray.data as data
@@ -301,7 +290,7 @@ def test_cifar10_source_on_a_stand_in_pool(ray_local, monkeypatch, tmp_path):
     assert sel["settings"]["mode"] == "RGB" and sel["n_images"] == 100
 
 
-def test_cifar10_without_data_is_a_clear_error(ray_local, tmp_path, capsys):
+def test_cifar10_without_data_exits_2_naming_download(ray_local, tmp_path, capsys):
     assert drmi_reduce("--data", f"cifar10:{tmp_path / 'nothing'}", "--budget", 8, "--out", tmp_path / "r") == 2
     err = capsys.readouterr().err
     assert "--download" in err or "download=True" in err

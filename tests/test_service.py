@@ -17,18 +17,17 @@ import pytest
 from conftest import start_local_ray
 from drmi_ray.client import QueryBudgetExceeded, TargetClient, TargetError
 from drmi_ray.ledger import read_journal
-from drmi_ray.models import TrainConfig, build_model, predict
+from drmi_ray.models import build_model, predict
 from drmi_ray.service import start_target, stop_target
-from drmi_ray.target import load_classifier, save_classifier, train_target
+from drmi_ray.target import load_classifier, save_classifier
 
 
 @pytest.fixture(scope="module")
-def served(digits, serve_port, tmp_path_factory):
-    """A LeNet-5 target trained on 1,000 digits, served with its journal in a temp folder."""
+def served(lenet5_checkpoint, serve_port, tmp_path_factory):
+    """The session's trained LeNet-5 target (conftest), served with its journal in a temp folder."""
     start_local_ray()
     folder = tmp_path_factory.mktemp("served")
-    checkpoint = str(folder / "target.pt")
-    train_target(digits[0][:1000], digits[1][:1000], checkpoint, config=TrainConfig(model="lenet5", epochs=2))
+    checkpoint = lenet5_checkpoint[0]
     service = start_target(checkpoint, str(folder / "journal.jsonl"), port=serve_port, app="served")
     yield service, checkpoint, str(folder / "journal.jsonl")
     stop_target(service)
