@@ -43,7 +43,7 @@ import numpy as np
 
 from drmi_ray.config import ReduceConfig
 from drmi_ray.data import TORCHVISION_SOURCES, Pool
-from drmi_ray.runtime import bounded, init_ray, log, setup_logging
+from drmi_ray.runtime import bounded, init_ray, log, setup_logging, use_cpus
 
 IMAGES_PER_CLUSTER = 1300  # default k-means granularity: about one ImageNet class per cluster
 
@@ -163,7 +163,6 @@ def _bundle_task(items, bins, color, tile_size, dtype):
     import ray
 
     from drmi_ray.matrix import compute_small_stores
-    from drmi_ray.runtime import use_cpus
 
     device = None
     if ray.get_gpu_ids():
@@ -206,7 +205,7 @@ def compute_stores(pool: Pool, parts: list[Partition], out: str, c: ReduceConfig
     groups = bundles(small, c.tile_size, int(ray.cluster_resources().get("CPU", 1)))
     pairs = sum(len(p.members) * (len(p.members) - 1) // 2 for p in need)
     log.info(f"MI: {len(need)} partition(s), {pairs:,} pairs: {len(small)} small ones in {len(groups)} task(s), "
-        f"{len(large)} of several tiles of {c.tile_size} ({c.parallel_partitions} at a time)")
+             f"{len(large)} of several tiles of {c.tile_size} ({c.parallel_partitions} at a time)")
     stores = {p.key: f"{out}/mi/{p.name}" for p in need}
     state, lock = {"done": 0, "computed": 0, "partitions": 0}, threading.Lock()
     t0 = time.perf_counter()
@@ -218,8 +217,8 @@ def compute_stores(pool: Pool, parts: list[Partition], out: str, c: ReduceConfig
             state["partitions"] += len(finished)
             el = time.perf_counter() - t0
             log.info(f"MI: {state['partitions']}/{len(need)} partitions, {state['done']:,}/{pairs:,} pairs, "
-                f"{state['computed'] / max(el, 1e-9):,.0f} pairs/s computed, "
-                f"ETA {(pairs - state['done']) * el / max(state['done'], 1):.0f} s")
+                     f"{state['computed'] / max(el, 1e-9):,.0f} pairs/s computed, "
+                     f"ETA {(pairs - state['done']) * el / max(state['done'], 1):.0f} s")
 
     def run_bundles() -> None:
         task = ray.remote(_bundle_task).options(num_cpus=1, num_gpus=c.gpus_per_tile, max_retries=3)
@@ -288,7 +287,7 @@ def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> dict:
         p.budget = budgets[p.key]
     sizes = [len(p.members) for p in parts]
     log.info(f"partition: {c.partition}, {len(parts)} partition(s) of {min(sizes)}..{max(sizes)} images; "
-        f"budgets {min(budgets.values())}..{max(budgets.values())} (sum {c.budget})")
+             f"budgets {min(budgets.values())}..{max(budgets.values())} (sum {c.budget})")
     t_mi = time.perf_counter()
     stores, mi_stats = compute_stores(pool, parts, out, c)
     t_sel = time.perf_counter()
@@ -349,7 +348,7 @@ def run_reduce(c: ReduceConfig, out: str, *, address: str | None = None) -> dict
     report.write_text(f"{out}/config.json", json.dumps(c.to_dict(), indent=1))
     report.write_text(f"{out}/selection.json", json.dumps(result, indent=1))
     log.info(f"selected {len(result['selected'])} of {result['n_images']} images ({len(result['skipped'])} skipped) "
-        f"in {result['seconds']['total']:.1f} s; wrote {out}/selection.json")
+             f"in {result['seconds']['total']:.1f} s; wrote {out}/selection.json")
     if c.target:
         attack_with_selection(pool, result, c, out)
         log.info(f"wrote {out}/report.md")
@@ -461,5 +460,5 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str) -
              f"({len(test_images)} images)"]
     report.write_run(out, rows, config=c.to_dict(), timings=timings, notes=notes)
     log.info(f"substitute {c.substitute.model}: accuracy {scores['accuracy']:.3f}, fidelity {scores['fidelity']:.3f}, "
-        f"transfer rate {scores['transfer_rate']:.3f}")
+             f"transfer rate {scores['transfer_rate']:.3f}")
     return rows

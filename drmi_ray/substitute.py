@@ -177,10 +177,11 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
     ``weights`` (the ``state_dict`` file in it, for ``torch.load(..., weights_only=True)``).
     """
     jobs = list(jobs)
-    jobs = [(check_images(images, name="images" if len(jobs) == 1 else f"jobs[{i}] images", min_count=1),
-             labels, config) for i, (images, labels, config) in enumerate(jobs)]
-    for images, labels, config in jobs:
-        check_labels(labels, len(images), num_classes=config.num_classes)
+    checked = []
+    for i, (images, labels, config) in enumerate(jobs):
+        images = check_images(images, name="images" if len(jobs) == 1 else f"jobs[{i}] images", min_count=1)
+        checked.append((images, check_labels(labels, len(images), num_classes=config.num_classes), config))
+    jobs = checked
     if not jobs:
         return ([], []) if return_info else []
     if not isinstance(num_workers, int) or num_workers < 0:
@@ -202,10 +203,10 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
                 max_concurrent = min(max_concurrent, int(res.get("GPU", 0)))
         shares = _shares(jobs, max(1, min(max_concurrent, len(jobs))))
         workers = len(shares)
-    cfg = {"jobs": [(ray.put((x, check_labels(y, len(x)))), c.to_dict()) for x, y, c in jobs],
+    cfg = {"jobs": [(ray.put((x, y)), c.to_dict()) for x, y, c in jobs],
            "shares": shares, "use_gpu": use_gpu, "local_checkpoint": None}
     log.info(f"  fitting {len(jobs)} substitute(s) in one Ray Train run, {workers} worker(s)"
-          f"{' (DDP)' if shares is None else ' (local mode)' if num_workers == 0 else ''}")
+             f"{' (DDP)' if shares is None else ' (local mode)' if num_workers == 0 else ''}")
     if num_workers == 0:
         # Local mode runs the loop in the calling process: one Ray task per share keeps the
         # shares in separate processes, side by side.
