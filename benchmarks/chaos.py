@@ -1,7 +1,19 @@
-"""Chaos test of the MI tile store: faults at random moments, then the matrix must be bit-exact.
+"""Chaos tests: the MI tile store (faults at random moments, then the matrix must be bit-exact),
+and with ``--journal N`` the target's journal (N random damages to its tail and mark).
 
     python benchmarks/chaos.py                          # 10,000 images, tiles of 1024
     python benchmarks/chaos.py --n 1500 --tile-size 256 # a couple of minutes on 2 cores
+    python benchmarks/chaos.py --journal 1000           # journal damages only: seconds, no Ray
+
+**The journal case** (``--journal N``) builds a ledger journal (3 keys, 60 paid requests), then
+N times: copies it, damages the copy one random way (truncate at any byte or at a line boundary,
+empty or delete it, flip a bit in the last complete record or anywhere, overwrite bytes, take a
+line out, damage or delete the high-water mark; or the two crashes a ledger must survive: a torn
+last line past the mark, and the mark one record behind) and opens a ``Ledger`` on it. Each
+outcome is one of: refused (``JournalCorrupt``, one line); accepted and exact (every key's spent
+budget and every stored answer as written; after a torn tail: as before the unanswered request);
+a refund (accepted with less spent or a paid answer missing) or a wrong answer (any other
+difference). Goal: zero refunds and zero wrong answers.
 
 The MI stage (``compute_mi_matrix``) runs as a driver subprocess with its own Ray. While it runs,
 a thread injects, every ``--fault-interval`` seconds on average: tile deleted, tile truncated, tile
@@ -26,6 +38,7 @@ with the machine (hostname, cores, load at start) and the command of the run.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import os
 import random
@@ -183,6 +196,136 @@ def run_driver(args, store, check=False, chaos: Chaos | None = None) -> int:
     return proc.returncode
 
 
+JOURNAL_DAMAGES = ("truncate", "truncate_line", "empty", "delete", "flip_last", "flip_any", "overwrite", "drop_line",
+                   "mark_flip", "mark_truncate", "mark_delete", "torn_tail", "mark_behind")
+
+
+def _ledger_state(ledger, asked):
+    """Per key: (spent, {request id: stored answer}) for the requests in ``asked`` (name -> {rid: images})."""
+    from drmi_ray.ledger import Refused, images_digest
+
+    state = {}
+    for name, requests in asked.items():
+        try:
+            spent, answers = ledger.usage(name)["used"], {}
+        except Refused:  # the key itself is gone
+            state[name] = (0, {})
+            continue
+        for rid, images in requests.items():
+            status, stored = ledger.begin(name, rid, len(images), images_digest(images))
+            if status == "stored":
+                answers[rid] = stored
+        state[name] = (spent, answers)
+    return state
+
+
+def journal_chaos(damages: int, seed: int) -> int:
+    """The journal case (module doc); returns the number of refunds and wrong answers."""
+    import shutil
+
+    from drmi_ray.data import bundled_mnist
+    from drmi_ray.ledger import JournalCorrupt, Ledger, new_operator_key
+
+    rng, images = random.Random(seed), bundled_mnist()[0]
+    service, operator = {"checkpoint_sha256": "ab" * 32, "output": "label", "decimals": None}, new_operator_key()
+    folder = tempfile.mkdtemp(prefix="drmi-journal-chaos-")
+    path = os.path.join(folder, "journal.jsonl")
+    ledger = Ledger(path, operator, service)
+    asked = {}  # name -> {rid: images}
+    for k, name in enumerate(("a", "b", "c")):
+        ledger.create_key(name, budget=10_000, prada_delta=0.95 if k == 0 else None)
+        asked[name] = {}
+    for i in range(60):
+        name, n = "abc"[i % 3], 1 + i % 7
+        batch = images[i * 8:i * 8 + n]
+        if i == 59:  # the files before the last request: a torn last line leaves these
+            before = (open(path, "rb").read(), open(path + ".mark", "rb").read())
+        ledger.commit(name, f"r{i}", *_go(ledger, name, f"r{i}", batch), batch)
+        asked[name][f"r{i}"] = batch
+    ledger.close()
+    after = (open(path, "rb").read(), open(path + ".mark", "rb").read())
+    ledger = Ledger(path, operator, service)
+    expected_after = _ledger_state(ledger, asked)
+    ledger.close()
+    # after a torn last line: the last request (key "c", r59) unanswered, everything else as written
+    expected_before = dict(expected_after)
+    expected_before["c"] = (expected_after["c"][0] - len(asked["c"]["r59"]),
+                            {r: a for r, a in expected_after["c"][1].items() if r != "r59"})
+
+    counts = {k: collections.Counter() for k in JOURNAL_DAMAGES}
+    trial = os.path.join(folder, "trial")
+    os.makedirs(trial)
+    for t in range(damages):
+        kind = rng.choice(JOURNAL_DAMAGES)
+        journal, mark, expected = bytearray(after[0]), bytearray(after[1]), expected_after
+        lines = bytes(journal).split(b"\n")[:-1]
+        if kind == "truncate":
+            del journal[rng.randrange(len(journal)):]
+        elif kind == "truncate_line":
+            del journal[sum(len(x) + 1 for x in lines[:rng.randrange(len(lines))]):]
+        elif kind == "empty":
+            journal = bytearray()
+        elif kind in ("flip_last", "flip_any"):
+            start = len(journal) - len(lines[-1]) - 1 if kind == "flip_last" else 0
+            journal[rng.randrange(start, len(journal))] ^= 1 << rng.randrange(8)
+        elif kind == "overwrite":
+            at = rng.randrange(len(journal))
+            journal[at:at + rng.randint(1, 8)] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        elif kind == "drop_line":
+            drop = rng.randrange(len(lines))
+            journal = bytearray(b"".join(x + b"\n" for i, x in enumerate(lines) if i != drop))
+        elif kind == "mark_flip":
+            mark[rng.randrange(len(mark))] ^= 1 << rng.randrange(8)
+        elif kind == "mark_truncate":
+            del mark[rng.randrange(len(mark)):]
+        elif kind == "torn_tail":  # a crash mid-append of the last record: part of its line, the old mark
+            torn = after[0][len(before[0]):]
+            journal, mark, expected = bytearray(before[0] + torn[:rng.randrange(1, len(torn))]), before[1], expected_before
+        elif kind == "mark_behind":  # a crash between the last record's fsync and its mark
+            mark = before[1]
+        shutil.rmtree(trial)
+        os.makedirs(trial)
+        tpath = os.path.join(trial, "journal.jsonl")
+        if kind != "delete":
+            open(tpath, "wb").write(journal)
+        if kind != "mark_delete":
+            open(tpath + ".mark", "wb").write(mark)
+        try:
+            ledger = Ledger(tpath, operator, service)
+        except (JournalCorrupt, ValueError) as e:
+            counts[kind]["refused"] += 1
+            assert len(str(e).splitlines()) == 1
+            continue
+        state = _ledger_state(ledger, asked)
+        ledger.close()
+        if state == expected:
+            counts[kind]["exact"] += 1
+        elif all(state[m][0] <= expected[m][0] and set(state[m][1]) <= set(expected[m][1]) for m in state):
+            counts[kind]["refund"] += 1
+            print(f"  REFUND: damage {t} ({kind}) accepted with less spent than written", flush=True)
+        else:
+            counts[kind]["wrong"] += 1
+            print(f"  WRONG: damage {t} ({kind}) accepted with answers other than written", flush=True)
+    shutil.rmtree(folder)
+    print("| damage | tried | refused | accepted, exact | refunds | wrong answers |\n|---|---:|---:|---:|---:|---:|")
+    for kind, c in counts.items():
+        print(f"| {kind} | {sum(c.values())} | {c['refused']} | {c['exact']} | {c['refund']} | {c['wrong']} |")
+    total = sum(counts.values(), collections.Counter())
+    print(f"journal damages: {damages}  refused: {total['refused']}  accepted exact: {total['exact']} (torn tails "
+          f"{counts['torn_tail']['exact']}, mark one behind {counts['mark_behind']['exact']})  refunds: "
+          f"{total['refund']}  wrong answers: {total['wrong']}", flush=True)
+    return total["refund"] + total["wrong"]
+
+
+def _go(ledger, name, rid, batch):
+    from drmi_ray.ledger import images_digest
+
+    digest = images_digest(batch)
+    assert ledger.begin(name, rid, len(batch), digest)[0] == "go"
+    labels = [int(x) % 10 for x in batch.reshape(len(batch), -1).sum(1)]
+    return digest, labels, labels
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=10_000, help="pool size (default 10000)")
@@ -194,7 +337,16 @@ def main(argv=None):
                    help="driver runs that must finish under chaos before it stops (default 3)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of each driver's Ray (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--journal", type=int, metavar="N", help="run only the journal case, with N random damages")
     args = p.parse_args(argv)
+    if args.journal is not None:
+        command = " ".join(["python benchmarks/chaos.py", *(sys.argv[1:] if argv is None else argv)])
+        print(f"machine {socket.gethostname()} ({os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f} at start); "
+              f"run `{command}` started {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+        start = time.perf_counter()
+        bad = journal_chaos(args.journal, args.seed)
+        print(f"wall: {time.perf_counter() - start:.1f} s")
+        return 0 if bad == 0 else 1
     store = args.store or os.path.join(tempfile.mkdtemp(prefix="drmi-chaos-"), "store")
     command = " ".join(["python benchmarks/chaos.py", *(sys.argv[1:] if argv is None else argv)])
     machine = (f"machine {socket.gethostname()} ({os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f} at start); "

@@ -8,11 +8,17 @@ request ``--batch`` bundled digits) to a LeNet-5 target served by Ray Serve on 1
 ledger journaled and fsynced; each client is a thread with its own ``TargetClient``. The reference
 is ``models.predict`` on the same batches, one after another, in this process. Printed per level:
 requests/s, images/s, p50 and p99 request latency, and images/s as a ratio of the reference.
+
+Then the request-id cases, one raw HTTP request each (no client retries), with the HTTP status and
+the images charged: a numeric and a boolean body id (refused, 400), header and body ids that
+differ (400), one request id sent five times (charged once), and a request with no id
+(answered with a server-made id, charged once).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import socket
@@ -20,6 +26,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 
@@ -98,7 +106,40 @@ def main(argv=None) -> None:
         rate = n * args.batch / wall
         print(f"| {level} | {n} | {n / wall:,.1f} | {rate:,.0f} | {ms[0]:.1f} | {ms[1]:.1f} | {rate / reference:.3f} |",
               flush=True)
+    request_id_cases(service, images[4000:4008])
     stop_target(service)
+
+
+def request_id_cases(service, images) -> None:
+    """Print the request-id cases of the module doc: status and images charged per case."""
+    key = service.create_key("ids", budget=1000)
+
+    def send(body_id=None, header=None) -> int:
+        body = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": list(images.shape),
+                            "data": images.reshape(-1).tolist()}]}
+        if body_id is not None:
+            body["id"] = body_id
+        headers = {"Authorization": f"Bearer {key}", **({"Idempotency-Key": header} if header else {})}
+        request = urllib.request.Request(f"{service.url}/v2/models/target/infer", data=json.dumps(body).encode(),
+                                         headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    cases = [("body id 5 (a number)", lambda: [send(5)], "400, 0 charged"),
+             ("body id true", lambda: [send(True)], "400, 0 charged"),
+             ("header 'a-1', body id 'a-2'", lambda: [send("a-2", "a-1")], "400, 0 charged"),
+             ("id 'retry-1' sent 5 times", lambda: [send("retry-1") for _ in range(5)], f"200 x5, {len(images)} charged"),
+             ("no id", lambda: [send()], f"200, {len(images)} charged")]
+    print(f"\nrequest ids ({len(images)} images per request):\n")
+    print("| case | HTTP status | images charged | expected |\n|---|---|---:|---|")
+    for name, run, expected in cases:
+        before = service.usage("ids")["used"]
+        statuses = run()
+        print(f"| {name} | {', '.join(map(str, statuses))} | {service.usage('ids')['used'] - before} | {expected} |",
+              flush=True)
 
 
 if __name__ == "__main__":

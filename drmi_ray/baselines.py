@@ -71,7 +71,8 @@ diagonal) as the similarity of two images.
              first, lower index), i.e. every cluster's most typical image, largest clusters first
              (``typical_indices``).
 ``drmi-cover``  coverage (facility location): greedy ``max Σ_{x in pool} max_{s∈S} NMI(x, s)``
-             (``optimize.select_coverage``), every pool image close to a chosen one; in pick order.
+             (``optimize.select_coverage``), every pool image close to a chosen one, the first pick
+             ``default_rng(seed).integers(n)`` (so seeds differ); in pick order.
 ``drmi-mix``  coverage minus redundancy: greedy ``max Σ_x max_{s∈S} NMI(x, s) − 0.1 ·
              Σ_{i<j∈S} NMI(i, j)`` (``MIX_REDUNDANCY``, set on seeds 100-103, never on the
              reported seeds); in pick order.
@@ -329,10 +330,10 @@ def _drmi_typical(ledger, budget, *, seed, mi, **_):
 
 
 def _drmi_cover(redundancy):
-    def run(ledger, budget, *, mi, **_):
+    def run(ledger, budget, *, seed, mi, **_):
         from .optimize import select_coverage
 
-        sel = select_coverage(normalized_mi(mi, "sqrt"), budget, redundancy=redundancy)
+        sel = select_coverage(normalized_mi(mi, "sqrt"), budget, redundancy=redundancy, seed=seed)
         ledger.ask_pool(sel.order)
         return {"objective": float(sel.objective)}
 

@@ -19,14 +19,24 @@ def str_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors (a bad int, an unknown choice, a missing option) are one line too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def run_parser(sub) -> None:
+    from drmi_ray.models import AUGMENTS
+    from drmi_ray.spread import LEARN_MODES
+
     p = sub.add_parser("run", help="the DRMI experiment: select, query, fit substitutes, attack, report")
     p.add_argument("--out", help="run folder (path or fsspec URL); default: a new folder under runs/")
     p.add_argument("--quick", action="store_true", help="small version: 600-image pool, budgets 50,200, LeNet-5 target and substitutes (about 2 minutes)")
     p.add_argument("--config", help="repeat a run from its config.json (flags given here override it)")
     p.add_argument("--protocol", choices=("bundled-mnist", "paper-mnist", "paper-cifar10"),
                    help="the paper's settings (default bundled-mnist); paper-* read torchvision data under --data-root")
-    p.add_argument("--data-root", default="data", help="folder of torchvision MNIST / CIFAR-10 (default ./data)")
+    p.add_argument("--data-root", help="folder of torchvision MNIST / CIFAR-10 for --protocol paper-* (default ./data)")
     p.add_argument("--pool", dest="source", help="pool source: bundled-mnist (default), mnist:ROOT, cifar10:ROOT, or a URL")
     p.add_argument("--download", action="store_true", help="let torchvision download MNIST / CIFAR-10 into ROOT")
     p.add_argument("--pool-size", type=int, help="images in the attacker's pool (default 2000)")
@@ -46,15 +56,22 @@ def run_parser(sub) -> None:
     p.add_argument("--output", choices=("label", "probs", "top1", "rounded"), help="what the target answers (default label)")
     p.add_argument("--target-replicas", type=int, help="model replicas behind the target's HTTP API (default 1)")
     p.add_argument("--serve-port", type=int, help="the target's HTTP port on 127.0.0.1 when this run starts Ray Serve "
-                                                  "(default 8000)")
+                                                  "(default: a free port; a taken one is refused)")
     p.add_argument("--no-prada", action="store_true", help="switch the target's PRADA detector off")
     p.add_argument("--substitute-workers", type=int, help="Ray Train workers per substitute fit (default 1; 0 = local mode)")
+    p.add_argument("--learn", choices=LEARN_MODES,
+                   help="what a substitute learns from: the target's answers alone, or the whole unlabeled pool with the answers "
+                        "spread over the MI graph (the pool's own labels are never read); auto picks by the rule in "
+                        "drmi_ray/spread.py (default auto)")
+    p.add_argument("--augment", choices=AUGMENTS,
+                   help="substitute training augmentation: digits (small affine moves), photos (crop and flip), "
+                        "auto (by channels; default), none")
     p.add_argument("--address", help="Ray cluster address (default: the cluster of `ray job submit`, else a local one)")
 
 
 def build_config(args):
     from drmi_ray.baselines import METHODS
-    from drmi_ray.config import ExperimentConfig, apply_protocol, quick
+    from drmi_ray.config import ExperimentConfig, apply_protocol, check_exists, quick
 
     if args.config:
         try:
@@ -64,8 +81,14 @@ def build_config(args):
                              "give a config.json written by drmi run") from err
     else:
         config = ExperimentConfig()
+    if args.data_root is not None:
+        if not (args.protocol or "").startswith("paper-"):
+            raise ValueError("--data-root applies to --protocol paper-mnist or paper-cifar10 only; "
+                             "give the protocol, or --pool mnist:ROOT")
+        if not args.download:
+            check_exists("--data-root", args.data_root, "the torchvision data (or pass --download)")
     if args.protocol:
-        config = apply_protocol(config, args.protocol, args.data_root)
+        config = apply_protocol(config, args.protocol, args.data_root or "data")
     if args.methods == ("all",):
         args.methods = METHODS
     if args.quick:
@@ -89,11 +112,17 @@ def build_config(args):
             raise ValueError(f"--substitute: {err}") from None
     if args.substitute_workers is not None:
         config.substitute_workers = args.substitute_workers
+    if args.learn is not None:
+        config.learn = args.learn
+    if args.augment is not None:
+        config.substitute = r(config.substitute, augment=args.augment)
     return config
 
 
 def reduce_parser(sub) -> None:
     from drmi_ray.config import ReduceConfig
+    from drmi_ray.models import AUGMENTS
+    from drmi_ray.spread import LEARN_MODES
 
     d = ReduceConfig()
     p = sub.add_parser("reduce", help="pool -> the K least redundant images (selection.json); optionally attack with them",
@@ -134,7 +163,8 @@ def reduce_parser(sub) -> None:
     a = p.add_argument_group("optional attack with the selection")
     a.add_argument("--target", help="a target checkpoint: query it with the selection, fit a substitute, attack")
     a.add_argument("--serve-port", type=int, default=d.serve_port,
-                   help=f"the target's HTTP port on 127.0.0.1 when this run starts Ray Serve (default {d.serve_port})")
+                   help="the target's HTTP port on 127.0.0.1 when this run starts Ray Serve (default: a free port; "
+                        "a taken one is refused)")
     a.add_argument("--test", help="the referee's labelled held-out ImageFolder/Parquet (default: the source's test "
                                   "split for mnist:/cifar10:, else unselected labelled pool images)")
     a.add_argument("--test-size", type=int, default=d.test_size, help=f"referee's held-out images (default {d.test_size})")
@@ -146,6 +176,12 @@ def reduce_parser(sub) -> None:
     a.add_argument("--substitute-workers", type=int, default=d.substitute_workers,
                    help="Ray Train workers for the substitute (default 1; 0 = Train's local mode)")
     a.add_argument("--substitute-gpu", action="store_true", help="train the substitute on GPUs")
+    a.add_argument("--learn", choices=LEARN_MODES, default=d.learn,
+                   help="what a substitute learns from: the target's answers alone, or the whole unlabeled pool with the answers "
+                        "spread over the MI graph of its partition (the pool's own labels are never read); auto picks by the rule in "
+                        "drmi_ray/spread.py (default auto)")
+    a.add_argument("--augment", choices=AUGMENTS, default=d.substitute.augment,
+                   help="substitute training augmentation: digits, photos, auto (by channels; default) or none")
     a.add_argument("--eps", type=float, default=d.attack.eps, help=f"PGD L-inf radius (default {d.attack.eps})")
     a.add_argument("--pgd-steps", type=int, default=d.attack.steps, help=f"PGD steps (default {d.attack.steps})")
     p.add_argument("--address", help="Ray address (default: the `ray job submit` cluster, else a local Ray)")
@@ -153,9 +189,16 @@ def reduce_parser(sub) -> None:
 
 def reduce_config(args):
     from drmi_ray.attack import AttackConfig
-    from drmi_ray.config import MIConfig, ReduceConfig
+    from drmi_ray.config import (ATTACK_FLAGS, SUBSTITUTE_FLAGS, MIConfig, ReduceConfig, check_attack,
+                                 check_train)
     from drmi_ray.models import TrainConfig
 
+    # the stage dataclasses refuse bad values naming their fields, not the flags: check first
+    train = {"model": args.substitute, "epochs": args.epochs, "min_steps": args.min_steps,
+             "batch_size": args.train_batch, "augment": args.augment}
+    attack = {"eps": args.eps, "steps": args.pgd_steps}
+    check_train(train, SUBSTITUTE_FLAGS.get)
+    check_attack(attack, ATTACK_FLAGS.get)
     return ReduceConfig(
         data=args.data, budget=args.budget, size=args.size, rgb=args.rgb, pool_size=args.pool_size,
         download=args.download, max_pixels=args.max_pixels, batch_files=args.batch_files, partition=args.partition,
@@ -163,10 +206,8 @@ def reduce_config(args):
         max_in_flight=args.max_in_flight, gpus_per_tile=args.gpus_per_tile, store_dtype=args.store_dtype,
         parallel_partitions=args.parallel_partitions, dense_max=args.dense_max, num_actors=args.num_actors,
         seed=args.seed, target=args.target, serve_port=args.serve_port, test=args.test, test_size=args.test_size,
-        substitute=TrainConfig(model=args.substitute, epochs=args.epochs, min_steps=args.min_steps,
-                               batch_size=args.train_batch),
-        attack=AttackConfig(eps=args.eps, steps=args.pgd_steps),
-        substitute_workers=args.substitute_workers, substitute_gpu=args.substitute_gpu)
+        substitute=TrainConfig(**train), attack=AttackConfig(**attack),
+        substitute_workers=args.substitute_workers, substitute_gpu=args.substitute_gpu, learn=args.learn)
 
 
 def one_line(err: BaseException) -> str:
@@ -193,21 +234,28 @@ def one_line(err: BaseException) -> str:
     return f"{name}: {text}; rerun with --debug for the traceback"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="drmi", description=__doc__)
+def build_parser() -> Parser:
+    """The ``drmi`` parser; ``.subcommands`` maps each command's name to its own parser."""
+    parser = Parser(prog="drmi", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser(sub)
     reduce_parser(sub)
     for p in sub.choices.values():  # `drmi run --debug ...` too; SUPPRESS keeps `drmi --debug run` working
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
-    args = parser.parse_args(argv)
+    parser.subcommands = sub.choices
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         from drmi_ray import report
-        from drmi_ray.config import check_out
+        from drmi_ray.config import check_address, check_out
         from drmi_ray.runtime import log, setup_logging
 
         setup_logging()
+        check_address("--address", args.address)
         if args.command == "run":
             from drmi_ray.experiment import check_config, run_experiment
 

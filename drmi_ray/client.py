@@ -43,9 +43,10 @@ class QueryBudgetExceeded(TargetError):
 
 class TargetClient:
     def __init__(self, url: str, key: str, *, model: str = "target", prefix: str = "q", timeout: float = 120.0,
-                 retry_for: float = 120.0):
+                 retry_for: float = 120.0, max_batch: int | None = None):
         self.url, self.key, self.model, self.prefix = url.rstrip("/"), key, model, prefix
         self.timeout, self.retry_for = timeout, retry_for
+        self.max_batch = max_batch  # query() sends at most this many images a request (a rate limit's burst)
         self.requests = 0  # requests sent by query(): the next request id's number
 
     def _send(self, method: str, path: str, body: dict | None = None, headers: dict | None = None):
@@ -73,11 +74,14 @@ class TargetClient:
         return answer
 
     def query(self, images: np.ndarray) -> np.ndarray:
-        """``infer`` with the next request id of this client (see the module doc)."""
-        request_id = f"{self.prefix}-{self.requests}"
-        answer = self.infer(images, request_id)
-        self.requests += 1
-        return answer
+        """``infer`` with the next request id of this client (see the module doc); a batch above
+        ``max_batch`` goes as several requests, each with its own id."""
+        step = self.max_batch or max(len(images), 1)
+        answers = []
+        for start in range(0, max(len(images), 1), step):
+            answers.append(self.infer(images[start:start + step], f"{self.prefix}-{self.requests}"))
+            self.requests += 1
+        return np.concatenate(answers)
 
     def call(self, method: str, path: str, body: dict | None = None, headers: dict | None = None):
         """One JSON request to ``{url}{path}``, retried as the module doc says; the parsed answer."""

@@ -18,6 +18,7 @@ from drmi_ray.models import TrainConfig
 PROTOCOLS = ("bundled-mnist", "paper-mnist", "paper-cifar10")
 BUNDLED_IMAGES = 5000  # the bundled MNIST digits (drmi_ray.data.bundled_mnist)
 PAPER_HELD_OUT = 10000  # torchvision MNIST / CIFAR-10 test sets: the paper's pool + test split
+TORCHVISION_IMAGES = {"mnist": 60000, "mnist-test": 10000, "cifar10": 50000, "cifar10-test": 10000}
 
 
 # --------------------------------------------------------------------------- checks at the door
@@ -35,8 +36,10 @@ def check_int(option: str, value, *, minimum: int = 1, maximum: int | None = Non
     if ok and maximum is not None:
         ok = value <= maximum
     if not ok:
-        want = (f"an integer in {minimum}..{maximum}" if maximum is not None
-                else "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+        if minimum == 1:
+            want = "a positive integer" + (f" up to {maximum:,}" if maximum is not None else "")
+        else:
+            want = f"an integer in {minimum}..{maximum:,}" if maximum is not None else f"an integer >= {minimum}"
         raise ValueError(f"{option} must be {want}, got {value!r}" + (f"; {fix}" if fix else ""))
 
 
@@ -119,6 +122,98 @@ def check_source(option: str, source: str, *, download: bool) -> None:
     check_exists(option, source, "the pool (an ImageFolder tree or Parquet shards)")
 
 
+SEED_MAX = 2**32 - 1  # seeds: numpy's and torch's common range
+MAX_SIZE = 4096  # --size: a 4096 x 4096 RGB image is 50 MB decoded
+# the training (models.TrainConfig) and PGD (attack.AttackConfig) settings' bounds: (least, most)
+TRAIN_BOUNDS = {"epochs": (1, 10_000), "min_steps": (0, 10_000_000), "batch_size": (1, 65_536),
+                "num_classes": (2, 100_000), "seed": (0, SEED_MAX)}
+ATTACK_BOUNDS = {"steps": (0, 100_000), "batch_size": (1, 65_536), "seed": (0, SEED_MAX)}
+# drmi reduce's flags for them (other fields have no flag)
+SUBSTITUTE_FLAGS = {"model": "--substitute", "epochs": "--epochs", "min_steps": "--min-steps",
+                    "batch_size": "--train-batch"}
+ATTACK_FLAGS = {"eps": "--eps", "steps": "--pgd-steps"}
+
+
+def check_train(settings: dict, option) -> None:
+    """Bounds of a classifier's training settings (``models.TrainConfig`` fields; those absent from
+    ``settings`` are not checked). A dict, so the CLI can check its flags before the dataclass,
+    which names no flag, refuses them. ``option(field)``: what the user typed for ``field``."""
+    from drmi_ray.models import MODEL_NAMES
+
+    if "model" in settings:
+        check_choice(option("model"), settings["model"], MODEL_NAMES)
+    for name, (least, most) in TRAIN_BOUNDS.items():
+        if name in settings:
+            check_int(option(name), settings[name], minimum=least, maximum=most)
+    if "lr" in settings:
+        check_number(option("lr"), settings["lr"], above=0, at_most=10)
+    if "weight_decay" in settings:
+        check_number(option("weight_decay"), settings["weight_decay"], at_least=0, at_most=10)
+    if "augment" in settings:
+        from drmi_ray.models import AUGMENTS
+
+        check_choice(option("augment"), settings["augment"], AUGMENTS)
+
+
+def check_attack(settings: dict, option) -> None:
+    """Bounds of PGD's settings (``attack.AttackConfig`` fields), as ``check_train``."""
+    if "eps" in settings:
+        check_number(option("eps"), settings["eps"], at_least=0, at_most=1, fix="pixels are in [0, 1]")
+    if "step_size" in settings:
+        check_number(option("step_size"), settings["step_size"], above=0, at_most=1)
+    for name, (least, most) in ATTACK_BOUNDS.items():
+        if name in settings:
+            check_int(option(name), settings[name], minimum=least, maximum=most)
+    if "random_start" in settings:
+        check_bool(option("random_start"), settings["random_start"])
+
+
+def check_bool(option: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{option} must be true or false, got {value!r}")
+
+
+def check_checkpoint(option: str, url: str | None) -> None:
+    """``url`` (a path or fsspec URL) is a target checkpoint ``target.load_checkpoint`` reads; None passes."""
+    if url is None:
+        return
+    import fsspec
+
+    from drmi_ray.target import load_checkpoint
+
+    check_exists(option, url, "a target checkpoint (.pt)")
+    try:
+        with fsspec.open(url, "rb") as f:
+            load_checkpoint(f)
+    except (OSError, ValueError):  # not a torch file, pickled objects, keys missing
+        raise ValueError(f"{option} {url} is not a target checkpoint (target.load_checkpoint refuses it); "
+                         "give a .pt written by drmi run or target.train_target") from None
+
+
+def check_address(option: str, address: str | None) -> None:
+    """A Ray address ``ray.init`` takes: auto, local, HOST:PORT or ray://HOST:PORT; None passes."""
+    import re
+
+    if address is None or address in ("auto", "local"):
+        return
+    match = re.fullmatch(r"(ray://)?([\w.-]+|\[[0-9a-fA-F:]+\]):(\d+)", str(address))
+    if not match or not 1 <= int(match[3]) <= 65535:
+        raise ValueError(f"{option} must be auto, local, HOST:PORT or ray://HOST:PORT, got {address!r}")
+
+
+def pool_images(source: str) -> int:
+    """How many images a pool source (``data.load_pool``'s forms) holds: known for the named
+    sources, the listing's file count (before decoding) for a URL."""
+    if source == "bundled-mnist":
+        return BUNDLED_IMAGES
+    name, sep, _ = source.partition(":")
+    if sep and name in TORCHVISION_IMAGES:
+        return TORCHVISION_IMAGES[name]
+    from drmi_ray.ingest import list_pool
+
+    return list_pool(source).n_files
+
+
 @dataclass
 class PoolConfig:
     protocol: str = "bundled-mnist"  # settings: apply_protocol below; the split: experiment.load_data
@@ -141,7 +236,8 @@ class MIConfig:
 class SelectionConfig:
     methods: tuple[str, ...] = ("drmi", "random")
     budgets: tuple[int, ...] = (50, 100, 200, 400, 600)
-    seeds: int = 1  # seeds 0..seeds-1 per (method, budget) cell
+    seeds: int = 1  # seeds first_seed..first_seed+seeds-1 per (method, budget) cell
+    first_seed: int = 0
 
 
 @dataclass
@@ -155,7 +251,7 @@ class TargetConfig:
     burst: float = 1.0  # images the rate limiter lets through at once (with rate_limit)
     replicas: int = 1  # model replicas behind the target's HTTP API (Ray Serve)
     host: str = "127.0.0.1"  # where Serve's HTTP proxy listens (0.0.0.0: reachable from other nodes)
-    port: int = 8000  # Serve's HTTP port, when this run starts Serve
+    port: int | None = None  # Serve's HTTP port, when this run starts Serve; None = a free port
 
 
 @dataclass
@@ -164,7 +260,8 @@ class ExperimentConfig:
     mi: MIConfig = field(default_factory=MIConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
-    substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="c3f2"))
+    substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="c3f2", augment="auto"))
+    learn: str = "auto"  # substitutes learn from "answers", the whole "pool" (spread answers) or "auto" (spread.LEARN)
     attack: AttackConfig = field(default_factory=AttackConfig)
     substitute_workers: int = 1  # Ray Train workers per substitute fit; 0 = Train's local mode
     substitute_gpu: bool = False  # fit substitutes on GPUs (each worker takes one)
@@ -264,11 +361,12 @@ class ReduceConfig:
     seed: int = 0
     # the optional attack with the selection
     target: str | None = None  # a target checkpoint: serve it over HTTP and query it with the selection
-    serve_port: int = 8000  # the target's HTTP port on 127.0.0.1, when this run starts Ray Serve
+    serve_port: int | None = None  # the target's port on 127.0.0.1 when this run starts Ray Serve; None: a free one
     test: str | None = None  # the referee's labelled held-out pool (default: unselected pool images)
     test_size: int = 500
     substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="resnet18", epochs=10, min_steps=100,
-                                                                       batch_size=64))
+                                                                       batch_size=64, augment="auto"))
+    learn: str = "auto"  # as ExperimentConfig.learn, the graph from each partition's tile store
     attack: AttackConfig = field(default_factory=AttackConfig)
     substitute_workers: int = 1  # Ray Train workers for the substitute; 0 = Train's local mode
     substitute_gpu: bool = False

@@ -14,7 +14,9 @@ Sources (``load_pool``):
                             with Ray Data by ``ingest.read_pool``
 
 Torchvision data sets are downloaded only with ``download=True``; a bad image file is an error
-that names the file, or, with ``on_error="skip"``, a listed skip, never a silent loss.
+that names the file, or, with ``on_error="skip"``, a listed skip, never a silent loss. Degenerate
+image files (smaller than 8x8, blank, nearly constant: see ``images.degenerate``) are always
+skipped and listed in ``Pool.skipped`` with their reason.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import io
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from drmi_ray.images import DEGENERATE, degenerate, to_uint8
+from drmi_ray.runtime import log
 
 MAX_PIXELS = 64_000_000  # default pixel limit per image file (8000 x 8000); larger ones are refused
 TORCHVISION_SOURCES = ("mnist", "mnist-test", "cifar10", "cifar10-test")  # NAME:ROOT forms of load_pool
@@ -76,9 +81,12 @@ def decode_image(data: bytes, *, size: int | None = None, mode: str = "L",
                  max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Decode one encoded image to uint8 ``(H, W)`` (mode 'L') or ``(H, W, 3)`` (mode 'RGB').
 
-    With ``size``, the image is resized to ``size x size`` (bilinear). Raises ValueError on bytes
-    that are not a readable image, and, before decoding any pixel, on an image of more than
-    ``max_pixels`` pixels (a decompression bomb; None: no limit).
+    Every PIL mode is scaled to 8 bits (``images.to_uint8``: 16-bit and float images too);
+    transparent pixels count as black. With ``size``, the image is resized to ``size x size``
+    (bilinear). Raises ValueError on bytes that are not a readable image; before decoding any
+    pixel, on an image of more than ``max_pixels`` pixels (a decompression bomb; None: no limit);
+    and on a degenerate image (``images.degenerate``: smaller than 8x8, blank, nearly constant),
+    with a reason that starts with ``images.DEGENERATE``.
     """
     import warnings
 
@@ -93,16 +101,33 @@ def decode_image(data: bytes, *, size: int | None = None, mode: str = "L",
                     raise ValueError(f"image is {width}x{height} = {width * height:,} pixels, above the limit of "
                                      f"{max_pixels:,} (a decompression bomb?); raise --max-pixels to read it")
                 img.load()
-                img = img.convert(mode)
+                img = _to_8bit(img).convert(mode)
                 if size is not None:
                     img = img.resize((size, size), Image.BILINEAR)
-                return np.asarray(img, dtype=np.uint8)
+                pixels = np.asarray(img, dtype=np.uint8)
     except UnidentifiedImageError:
         raise ValueError("not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as err:
         raise ValueError(f"not a readable image (decompression bomb: {err})") from None
     except (OSError, SyntaxError) as err:
         raise ValueError(f"not a readable image ({type(err).__name__}: {err})") from None
+    reason = degenerate(pixels, (width, height))
+    if reason:
+        raise ValueError(f"{reason}; not worth a query")
+    return pixels
+
+
+def _to_8bit(img):
+    """A PIL image in an 8-bit mode PIL's ``convert`` reads right: 16-bit, 32-bit and float
+    modes scaled by ``to_uint8`` (``convert`` clips them), transparency composited on black."""
+    from PIL import Image
+
+    if img.mode in ("I", "F") or img.mode.startswith("I;"):
+        return Image.fromarray(to_uint8(np.asarray(img)))  # 2-D uint8: mode L
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img
 
 
 def load_pool(source: str = "bundled-mnist", *, size: int | None = None, mode: str = "L",
@@ -126,10 +151,15 @@ def load_pool(source: str = "bundled-mnist", *, size: int | None = None, mode: s
     from drmi_ray.ingest import read_pool
 
     pool = read_pool(source, size=size, mode=mode, max_pixels=max_pixels)
-    if pool.skipped and on_error == "raise":
-        bad = pool.skipped[0]
+    unreadable = [s for s in pool.skipped if not s["reason"].startswith(DEGENERATE)]
+    if unreadable and on_error == "raise":
+        bad = unreadable[0]
         raise ValueError(f"{bad['path']}: {bad['reason']}; remove the file or pass on_error='skip' "
-                         f"({len(pool.skipped)} unreadable file(s) in all)")
+                         f"({len(unreadable)} unreadable file(s) in all)")
+    if len(unreadable) < len(pool.skipped):  # degenerate images are always skipped, never an error
+        first = next(s for s in pool.skipped if s["reason"].startswith(DEGENERATE))
+        log.warning(f"pool {source}: skipped {len(pool.skipped) - len(unreadable)} degenerate image(s) "
+                    f"(listed in pool.skipped), e.g. {first['path']}: {first['reason']}")
     return pool
 
 

@@ -34,7 +34,7 @@ from drmi_ray.baselines import METHODS, MI_METHODS, acquire
 from drmi_ray.config import ExperimentConfig
 from drmi_ray.data import load_pool, split_indices
 from drmi_ray.matrix import compute_mi_matrix
-from drmi_ray.models import predict
+from drmi_ray.models import TrainConfig, predict
 from drmi_ray.substitute import evaluate, fit_substitutes
 from drmi_ray.client import TargetClient
 from drmi_ray.runtime import completed, gather, init_ray, log, setup_logging, use_cpus
@@ -73,15 +73,19 @@ def load_data(config: ExperimentConfig) -> Data:
 
 
 def check_config(config: ExperimentConfig) -> None:
-    """Refuse a configuration that cannot run, before any work is done (no Ray, no data read).
+    """Refuse a configuration that cannot run, before any work is done (no Ray, no image decoded;
+    a pool URL is listed to bound the splits by its image count).
 
     Each refusal is a ValueError of one line naming the ``drmi run`` flag (or, for settings with
     no flag, the ``config.json`` key) and the fix.
     """
-    from drmi_ray.config import (BUNDLED_IMAGES, PAPER_HELD_OUT, PROTOCOLS, check_choice, check_exists,
-                                 check_int, check_number, check_source)
+    from drmi_ray.config import (MAX_SIZE, PAPER_HELD_OUT, PROTOCOLS, SEED_MAX, check_attack, check_bool,
+                                 check_checkpoint, check_choice, check_int, check_number, check_source,
+                                 check_train, pool_images)
+    from drmi_ray.images import MIN_SIDE
     from drmi_ray.mi import COLOR_MODES, LEVELS
     from drmi_ray.service import OUTPUTS
+    from drmi_ray.spread import LEARN_MODES
 
     pc, sel, tc = config.pool, config.selection, config.target
     unknown = [m for m in sel.methods if m not in METHODS]
@@ -92,42 +96,52 @@ def check_config(config: ExperimentConfig) -> None:
         raise ValueError(f"--budgets must list at least one budget, like 50,100,200; got {sel.budgets!r}")
     for budget in sel.budgets:
         check_int("--budgets", budget, minimum=2, fix="each budget must be at least 2 queries")
-    check_int("--seeds", sel.seeds, fix="give the number of seeds per (method, budget) cell")
+    check_int("--seeds", sel.seeds, maximum=1_000, fix="give the number of seeds per (method, budget) cell")
+    check_int("selection.first_seed (config.json)", sel.first_seed, minimum=0, maximum=SEED_MAX)
     # pool and splits
     check_choice("--protocol", pc.protocol, PROTOCOLS)
-    check_int("--pool-size", pc.pool)
-    check_int("--test-size", pc.test)
-    check_int("pool.target_train (config.json)", pc.target_train)
-    check_int("pool.split_seed (config.json)", pc.split_seed, minimum=0)
-    check_int("pool.size (config.json)", pc.size, none_ok=True)
+    check_int("--pool-size", pc.pool, maximum=10**8)
+    check_int("--test-size", pc.test, maximum=10**8)
+    check_int("pool.target_train (config.json)", pc.target_train, maximum=10**8)
+    check_int("pool.split_seed (config.json)", pc.split_seed, minimum=0, maximum=SEED_MAX)
+    check_int("pool.size (config.json)", pc.size, minimum=MIN_SIDE, maximum=MAX_SIZE, none_ok=True)
+    check_bool("--download", pc.download)
     if max(sel.budgets) > pc.pool:
         raise ValueError(f"--budgets: budget {max(sel.budgets)} is larger than the attacker's pool ({pc.pool} images); "
                          "lower the budget or enlarge the pool with --pool-size")
-    if pc.source == "bundled-mnist" and pc.target_train + pc.pool + pc.test > BUNDLED_IMAGES:
-        raise ValueError(f"--pool-size {pc.pool} + --test-size {pc.test} + {pc.target_train} target training "
-                         f"images exceed the {BUNDLED_IMAGES} bundled digits; lower --pool-size or --test-size")
-    if pc.protocol.startswith("paper-") and pc.pool + pc.test > PAPER_HELD_OUT:
-        raise ValueError(f"--pool-size {pc.pool} + --test-size {pc.test} exceed the {PAPER_HELD_OUT} held-out "
-                         "images of the paper protocols; lower them")
     check_source("--pool", pc.source, download=pc.download)
+    if pc.protocol.startswith("paper-"):
+        if pc.pool + pc.test > PAPER_HELD_OUT:
+            raise ValueError(f"--pool-size {pc.pool} + --test-size {pc.test} exceed the {PAPER_HELD_OUT} held-out "
+                             "images of the paper protocols; lower them")
+    else:
+        n = pool_images(pc.source)  # a URL is listed
+        if pc.target_train + pc.pool + pc.test > n:
+            raise ValueError(f"--pool-size {pc.pool} + --test-size {pc.test} + {pc.target_train} target training "
+                             f"images exceed the {n:,} images of {pc.source}; lower --pool-size or --test-size")
     # MI
     check_int("--bins", config.mi.bins, minimum=2, maximum=LEVELS, fix="give the grey levels per pixel (default 256)")
     check_choice("--color", config.mi.color, COLOR_MODES)
     # the target
-    check_exists("--target", tc.checkpoint, "a target checkpoint (.pt)")
-    check_number("--rate-limit", tc.rate_limit, above=0, none_ok=True,
+    check_checkpoint("--target", tc.checkpoint)
+    check_number("--rate-limit", tc.rate_limit, above=0, at_most=1e9, none_ok=True,
                  fix="give images/s, or leave the flag out for no limit")
-    check_number("--burst", tc.burst, above=0, fix="give how many images may pass at once (default 1)")
-    check_int("--target-replicas", tc.replicas, minimum=1)
-    check_int("--serve-port", tc.port, minimum=1, maximum=65535)
+    check_number("--burst", tc.burst, above=0, at_most=1e9, fix="give how many images may pass at once (default 1)")
+    check_int("--target-replicas", tc.replicas, maximum=256)
+    check_int("--serve-port", tc.port, minimum=1, maximum=65535, none_ok=True)
     check_choice("--output", tc.output, OUTPUTS)
-    check_int("target.decimals (config.json)", tc.decimals, minimum=0)
+    check_int("target.decimals (config.json)", tc.decimals, minimum=0, maximum=10)
     check_number("target.prada_delta (config.json)", tc.prada_delta, above=0, at_most=1, none_ok=True,
                  fix="use --no-prada to switch the detector off")
-    # substitutes
-    check_int("--substitute-workers", config.substitute_workers, minimum=0, fix="0 fits in Ray Train's local mode")
-    if not isinstance(config.substitute_gpu, bool):
-        raise ValueError(f"substitute_gpu (config.json) must be true or false, got {config.substitute_gpu!r}")
+    check_train(dataclasses.asdict(tc.train), lambda f: f"target.train.{f} (config.json)")
+    # substitutes and PGD
+    check_train(dataclasses.asdict(config.substitute),
+                lambda f: "--substitute" if f == "model" else f"substitute.{f} (config.json)")
+    check_attack(dataclasses.asdict(config.attack), lambda f: f"attack.{f} (config.json)")
+    check_choice("--learn", config.learn, LEARN_MODES)
+    check_int("--substitute-workers", config.substitute_workers, minimum=0, maximum=1_024,
+              fix="0 fits in Ray Train's local mode")
+    check_bool("substitute_gpu (config.json)", config.substitute_gpu)
 
 
 class Timings(dict):
@@ -147,14 +161,15 @@ def cell_name(cell) -> str:
 
 
 @ray.remote(num_cpus=1)
-def acquire_cell(cell, pool_images, mi, url, key, substitute_config):
+def acquire_cell(cell, pool_images, mi, url, key, substitute_config, max_batch=None):
     """The attacker for one cell: spend ``budget`` queries with ``method`` through the target's
-    HTTP API (an API key and the cell's request-id prefix; nothing else of the target)."""
+    HTTP API (an API key and the cell's request-id prefix; nothing else of the target).
+    ``max_batch``: images per request (the key's burst under a rate limit: the target refuses more)."""
     use_cpus()
     method, budget, seed = cell
-    client = TargetClient(url, key, prefix=cell_name(cell))
+    client = TargetClient(url, key, prefix=cell_name(cell), max_batch=max_batch)
     got = acquire(method, pool_images, budget, client.query, seed=seed, mi=mi, substitute_config=substitute_config)
-    return got.images, got.labels
+    return got.images, got.labels, got.indices
 
 
 @ray.remote(num_cpus=1)
@@ -165,6 +180,30 @@ def evaluate_cell(checkpoint, substitute, test_images, test_labels, target_label
     scores["transfer_rate"] = transfer_rate(substitute, load_classifier(checkpoint), test_images, test_labels,
                                             attack_config)
     return scores
+
+
+def substitute_job(images, labels, indices, train: TrainConfig, *, pool_images=None, graph=None,
+                   learn: str = "answers") -> tuple[tuple, dict]:
+    """One substitute's Ray Train job ``(images, answers, TrainConfig[, pool])`` and how it learns.
+
+    ``indices``: each answered image's row in ``pool_images`` (-1: not a pool image, e.g. jbda's);
+    ``graph``: the pool's kNN graph (``spread.knn_graph``). With ``learn`` "pool" (or "auto" and
+    ``spread.use_pool`` says so) the answers are spread over ``graph`` and the reached pool images
+    join the fit (``spread.pool_targets``); the pool's own labels are never read. Returns the job
+    and ``{"learn": "answers"|"pool", "reached", "unreached"}``.
+    """
+    from drmi_ray.spread import pool_targets, use_pool
+
+    if learn == "auto":
+        learn = "pool" if pool_images is not None and use_pool(len(labels), len(pool_images)) else "answers"
+    if learn == "answers" or graph is None:
+        return (images, labels, train), {"learn": "answers"}
+    mine = np.asarray(indices) >= 0
+    rows, mass, info = pool_targets(graph, np.asarray(indices)[mine], np.asarray(labels)[mine], train.num_classes)
+    if not len(rows):  # nothing reached (e.g. an all-blank pool): the answers alone
+        log.info("  pool learning: no pool image is linked to an answered one; fitting on the answers alone")
+        return (images, labels, train), {"learn": "answers", **info}
+    return (images, labels, train, (pool_images[rows], mass)), {"learn": "pool", **info}
 
 
 def fit_and_score(jobs, checkpoint, test_images, test_labels, target_labels, config, *,
@@ -206,7 +245,7 @@ def acquire_all(cells, config, service, pool_ref, mi_ref, saved_dir):
     A finished cell's images and the target's answers are saved in ``saved_dir`` (the attacker's
     copy): a rerun of the run folder reuses them, and a cell cut short is asked again with the
     same request ids, so the target returns its stored answers without charging them twice.
-    Returns {cell: (images, labels, queries the target charged, PRADA flag of its key)}.
+    Returns {cell: (images, labels, pool indices, queries the target charged, PRADA flag of its key)}.
     """
     os.makedirs(saved_dir, exist_ok=True)
     task = acquire_cell
@@ -222,19 +261,21 @@ def acquire_all(cells, config, service, pool_ref, mi_ref, saved_dir):
         key = service.create_key(cell_name(cell), **key_settings(config, cell[1]))
         if os.path.exists(saved):
             with np.load(saved) as f:
-                got[cell] = (f["images"], f["labels"])
-            continue
+                if "indices" in f:  # older run folders saved no indices: asked again, free (same request ids)
+                    got[cell] = (f["images"], f["labels"], f["indices"])
+                    continue
+        max_batch = None if config.target.rate_limit is None else max(1, int(config.target.burst))
         ref = task.remote(cell, pool_ref, mi_ref if cell[0] in MI_METHODS else None, service.url, key,
-                          dataclasses.replace(config.substitute, seed=cell[2]))
+                          dataclasses.replace(config.substitute, seed=cell[2]), max_batch)
         refs[ref] = cell
     if got:
         log.info(f"  reusing {len(got)} finished acquisitions from {saved_dir}")
     running = list(refs.values())
-    for i, (images, labels) in completed(list(refs), what="acquired"):
+    for i, (images, labels, indices) in completed(list(refs), what="acquired"):
         cell = running[i]
-        got[cell] = images, labels
+        got[cell] = images, labels, indices
         saved = os.path.join(saved_dir, f"{cell_name(cell)}.npz")
-        np.savez(saved + ".tmp.npz", images=images, labels=labels)
+        np.savez(saved + ".tmp.npz", images=images, labels=labels, indices=indices)
         os.replace(saved + ".tmp.npz", saved)
     results = {}
     for cell in cells:
@@ -258,7 +299,7 @@ def check_resume(config: ExperimentConfig, work: str) -> None:
         check_service(journal, records, service_record(checkpoint, tc.output, tc.decimals))
     sel = config.selection
     wanted = {cell_name((m, b, s)): key_settings(config, b)
-              for b in sel.budgets for s in range(sel.seeds) for m in sel.methods}
+              for b in sel.budgets for s in range(sel.first_seed, sel.first_seed + sel.seeds) for m in sel.methods}
     clash = key_conflicts(records, wanted)
     if clash:
         raise ValueError(f"--out {work}: its target already has client {clash[0]!r} with other settings "
@@ -297,12 +338,12 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
 
     sel = config.selection
     mi = None
-    if any(m in MI_METHODS for m in sel.methods):
+    if any(m in MI_METHODS for m in sel.methods) or config.learn != "answers":
         with timings.stage("MI matrix"):
             store = compute_mi_matrix(data.pool, f"{out.rstrip('/')}/mi", bins=config.mi.bins, color=config.mi.color)
             mi = store.to_dense()
 
-    cells = [(method, budget, seed) for budget in sel.budgets for seed in range(sel.seeds) for method in sel.methods]
+    cells = [(method, budget, seed) for budget in sel.budgets for seed in range(sel.first_seed, sel.first_seed + sel.seeds) for method in sel.methods]
     tc = config.target
     with timings.stage("selection and queries"):
         with run_target(checkpoint, out, output=tc.output, decimals=tc.decimals, replicas=tc.replicas,
@@ -311,24 +352,37 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
             acquired = acquire_all(cells, config, service, ray.put(data.pool), ray.put(mi),
                                    os.path.join(work, "acquired"))
 
+    graph = None
+    if config.learn != "answers":
+        from drmi_ray.spread import knn_graph
+
+        with timings.stage("MI graph of the pool"):
+            graph = knn_graph(mi)
     with timings.stage("substitute training, evaluation and PGD transfer"):
-        jobs = [(acquired[c][0], acquired[c][1], dataclasses.replace(config.substitute, seed=c[2])) for c in cells]
+        jobs, learned = [], []
+        for c in cells:
+            images, labels, indices = acquired[c][:3]
+            job, info = substitute_job(images, labels, indices, dataclasses.replace(config.substitute, seed=c[2]),
+                                       pool_images=data.pool, graph=graph, learn=config.learn)
+            jobs.append(job)
+            learned.append(info)
         scores = fit_and_score(jobs, checkpoint, data.test_images, data.test_labels, target_labels, config,
                                storage_path=os.path.join(work, "train"))
 
     rows = []
-    for cell, sc in zip(cells, scores):
-        _, _, queries, flagged_at = acquired[cell]
+    for cell, sc, info in zip(cells, scores, learned):
+        _, _, _, queries, flagged_at = acquired[cell]
         rows.append({"method": cell[0], "budget": cell[1], "seed": cell[2], "queries": queries,
                      "accuracy": sc["accuracy"], "fidelity": sc["fidelity"], "transfer_rate": sc["transfer_rate"],
-                     "prada_flagged_at": flagged_at})
+                     "prada_flagged_at": flagged_at, "learn": info["learn"]})
     pc = config.pool
     notes = [
         f"protocol: {pc.protocol} ({pc.source}); target trained on {len(data.target_images)}, "
         f"attacker pool {len(data.pool)}, test {len(data.test_images)} images",
         f"target: {config.target.train.model}, accuracy {100 * target_accuracy:.1f}% on the test split; "
         f"answers: {config.target.output}",
-        f"substitute: {config.substitute.model}; MI: bins={config.mi.bins}, color={config.mi.color}; "
+        f"substitute: {config.substitute.model}, augment {config.substitute.augment}, learns from "
+        f"{config.learn} (per cell: the results' learn column); MI: bins={config.mi.bins}, color={config.mi.color}; "
         f"PGD: eps={config.attack.eps:.3g}, step={config.attack.step_size:.3g}, steps={config.attack.steps}",
     ]
     report.write_run(work if local else out, rows, config=config.to_dict(), timings=dict(timings), notes=notes,

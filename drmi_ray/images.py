@@ -20,6 +20,11 @@ alpha channel is just more positions); ``min_count`` is the fewest images the ca
 Example::
 
     images = check_images(images, name="pool_images", min_count=1)
+
+Decoded image files pass two more helpers before they join a pool (``data.decode_image``):
+``to_uint8`` scales the pixels of any PIL mode to 0..255 (16-bit, 32-bit, float), and
+``degenerate`` names what makes an image not worth a query (smaller than ``MIN_SIDE``, blank,
+nearly constant): such images have near-zero MI with everything, so DRMI would prefer them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ import numpy as np
 
 FLOAT_FIX = "convert floats in [0, 1] with np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)"
 INT_FIX = "convert whole numbers in 0..255 with np.clip(x, 0, 255).astype(np.uint8)"
+
+
+MIN_SIDE = 8  # image files narrower or lower than this (before resizing) are degenerate
+NEAR_LEVELS = 2  # "nearly constant": NEAR_SHARE of the pixels within NEAR_LEVELS of one value...
+NEAR_SHARE = 0.99  # ...(every channel); the 5,000 bundled MNIST digits reach at most 0.94
+DEGENERATE = "degenerate image"  # first words of every reason ``degenerate`` gives
 
 
 class ImageTypeError(TypeError, ValueError):
@@ -94,3 +105,59 @@ def check_images(images, *, name: str = "images", min_count: int = 0, flat: bool
         raise ValueError(f"{name} holds {len(arr)} image{'s' if len(arr) > 1 else ''}, too few: "
                          f"pass at least {min_count}")
     return arr
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Scale decoded pixels of any dtype to uint8 0..255, by their type's range, never by clipping.
+
+    uint8: as is. bool (PIL mode '1'): 0 or 255. 16-bit integers (modes 'I;16', 'I;16B', ...) and
+    32-bit integers within 0..65535 (mode 'I', how PIL reads 16-bit files): ``rint(x / 257)``, so
+    ``x * 257`` gives back ``x``. Floats (mode 'F') within 0..1: ``rint(x * 255)``; within
+    0..255: ``rint(x)``. Anything else (negative, larger) is stretched from its min..max.
+    Raises ValueError on NaN or infinite pixels.
+    """
+    x = np.asarray(pixels)
+    kind = x.dtype.kind
+    if x.dtype == np.uint8:
+        return x
+    if kind == "b":
+        return x.astype(np.uint8) * 255
+    if kind not in "iuf":
+        raise ValueError(f"pixels of dtype {x.dtype} cannot be read as an image")
+    x = x.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("image has NaN or infinite pixels")
+    lo, hi = (x.min(), x.max()) if x.size else (0.0, 0.0)
+    if kind == "f" and lo >= 0 and hi <= 1:
+        x = x * 255
+    elif kind == "f" and lo >= 0 and hi <= 255:
+        pass
+    elif kind in "iu" and lo >= 0 and hi <= 65535:
+        x = x / 257
+    elif hi > lo:
+        x = (x - lo) * (255 / (hi - lo))
+    else:
+        x = np.zeros_like(x)
+    return np.rint(x).clip(0, 255).astype(np.uint8)
+
+
+def degenerate(image: np.ndarray, size: tuple[int, int] | None = None) -> str:
+    """Why one uint8 image ``(H, W)`` or ``(H, W, C)`` is not worth a query, or '' when it is.
+
+    size: the file's own (width, height) before any resizing (default: the image's).
+    Degenerate: smaller than ``MIN_SIDE`` on a side, blank (one value), or nearly constant
+    (``NEAR_SHARE`` of the pixels within ``NEAR_LEVELS`` of one value, in every channel).
+    """
+    width, height = size or (image.shape[1], image.shape[0])
+    if width < MIN_SIDE or height < MIN_SIDE:
+        return f"{DEGENERATE}: {width}x{height} pixels, below the {MIN_SIDE}x{MIN_SIDE} floor"
+    channels = image.reshape(-1, image.shape[2] if image.ndim == 3 else 1).T
+    if all((c == c[0]).all() for c in channels):
+        value = int(channels[0][0]) if len(channels) == 1 else tuple(int(c[0]) for c in channels)
+        return f"{DEGENERATE}: blank (every pixel is {value})"
+    window = np.ones(2 * NEAR_LEVELS + 1, dtype=np.int64)
+    share = min(np.convolve(np.bincount(c, minlength=256), window).max() / c.size for c in channels)
+    if share >= NEAR_SHARE:
+        return (f"{DEGENERATE}: nearly constant ({100 * share:.1f}% of its pixels within "
+                f"{NEAR_LEVELS} levels of one value)")
+    return ""

@@ -15,9 +15,10 @@ driver streams the decoded blocks into a disk-backed array as they come. Ray Dat
 keeps only a bounded number of blocks in the object store, so a pool larger than the object store
 still decodes; the driver's array lives in a temporary file the OS pages as needed.
 
-A file that is corrupt, truncated, not an image, above ``max_pixels`` (a decompression bomb) or of
-another shape (without ``size``) is skipped and listed in ``Pool.skipped`` as ``{path, reason}``:
-never fatal, never silent. The pool keeps the listing's order (sorted paths; shards, row groups,
+A file that is corrupt, truncated, not an image, above ``max_pixels`` (a decompression bomb),
+degenerate (smaller than 8x8, blank or nearly constant: ``images.degenerate``) or of another shape
+(without ``size``) is skipped and listed in ``Pool.skipped`` as ``{path, reason}``: never fatal,
+never silent. Every PIL mode is scaled to 8 bits (``data.decode_image``: 16-bit, float too). The pool keeps the listing's order (sorted paths; shards, row groups,
 rows), whatever order the blocks arrive in, so a rerun sees the same pool.
 """
 

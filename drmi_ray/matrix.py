@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import socket
 import time
 import uuid
@@ -65,6 +66,7 @@ DTYPES = ("float64", "float32")
 # settings that must match for a rerun to continue a store
 _FINGERPRINT_KEYS = ("format", "version", "n", "image_shape", "pool_sha256", "bins", "color", "tile_size", "dtype")
 CLAIM_TIMEOUT_S = 600.0  # a claim older than this is taken over (a live driver's tile should be done by then)
+_TILE_NAME = re.compile(r"tile-(\d+)-(\d+)\.parquet")  # _tile_path's names; any other file is not a tile
 _META = b"drmi.tile"  # Parquet key-value metadata key of a tile: JSON {fingerprint, i, j, shape}
 
 
@@ -451,10 +453,16 @@ def _open_or_create(fs, root, url, manifest) -> dict:
 
 
 def _present_tiles(fs, root) -> set[tuple[int, int]]:
+    """(i, j) of every file named exactly as ``_tile_path`` names tiles; other files (a stray
+    ``tile-00000-00000-copy.parquet``, ``tile-abc-def.parquet``) are not tiles and are ignored."""
     present = set()
     for p in fs.glob(posixpath.join(root, "tiles", "tile-*.parquet")):
-        _, i, j = posixpath.basename(p)[: -len(".parquet")].split("-")
-        present.add((int(i), int(j)))
+        name = posixpath.basename(p)
+        match = _TILE_NAME.fullmatch(name)
+        if match:
+            i, j = int(match[1]), int(match[2])
+            if name == posixpath.basename(_tile_path(root, i, j)):  # not tile-0-0.parquet either
+                present.add((i, j))
     return present
 
 

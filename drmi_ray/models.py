@@ -21,7 +21,14 @@ and returning logits ``(n, num_classes)``:
 Every builder has the signature ``(in_channels, num_classes, image_size)``.
 
 Training (``TrainConfig``, ``train_classifier``) is a plain loop on numpy uint8 images: Adam,
-cross-entropy, shuffled mini-batches drawn from a seeded ``torch.Generator``. The same loop
+cross-entropy, shuffled mini-batches drawn from a seeded ``torch.Generator``. With ``pool``
+(unlabeled images and their target "mass" rows ``(m, classes)``: a soft label times the image's
+weight, made by ``spread.pool_targets``) every step also draws a batch of pool images and adds
+``-Σ mass · log softmax`` (batch mean) to the loss: the answered images keep every step they
+had, the pool is extra. ``augment`` draws a random transform per group of ``AUGMENT_GROUP`` images of every
+batch (torchvision's v2 transforms on tensors): ``digits`` small affine moves (±10°, ±10 %
+shift, 0.9-1.1 scale), ``photos`` a 4-pixel padded random crop and a horizontal flip, ``auto``
+digits for one channel and photos for three. The same loop
 (``fit_model``) runs inside the Ray Train workers of ``substitute.py``; given the same seed,
 device and thread count it produces the same weights.
 """
@@ -35,10 +42,13 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
 from .images import check_images
 
 MODEL_NAMES = ("lenet5", "c3f2", "dnn5", "resnet18", "resnet152", "inception_v3")
+AUGMENTS = ("none", "digits", "photos", "auto")
+AUGMENT_GROUP = 8  # images per random transform: one draw per image costs 10x more than the transform
 
 
 def _conv_out(size: int, kernel: int, padding: int = 0) -> int:
@@ -215,6 +225,28 @@ def check_labels(labels, n: int, *, name: str = "labels", num_classes: int | Non
     return labels.astype(np.int64)
 
 
+def check_pool(pool, images: np.ndarray, num_classes: int):
+    """None, or ``(pool images uint8 like images, target mass float (m, num_classes))``: finite,
+    >= 0; returned as (uint8, float32) arrays."""
+    if pool is None:
+        return None
+    pool_images, mass = pool
+    pool_images = check_images(pool_images, name="pool images")
+    mass = np.asarray(mass)
+    if pool_images.shape[1:] != images.shape[1:]:
+        raise ValueError(f"pool images: expected images of shape {images.shape[1:]}, got {pool_images.shape[1:]}")
+    if mass.shape != (len(pool_images), num_classes) or mass.dtype.kind != "f" or not np.isfinite(mass).all() \
+            or (mass < 0).any():
+        raise ValueError(f"pool target mass: expected finite floats >= 0 of shape ({len(pool_images)}, "
+                         f"{num_classes}), got dtype {mass.dtype} shape {mass.shape}")
+    return pool_images, mass.astype(np.float32)
+
+
+def pool_tensors(pool):
+    """``check_pool``'s arrays as ``fit_model``'s ``pool`` tensors (None stays None)."""
+    return None if pool is None else (to_tensor(pool[0], name="pool images"), torch.from_numpy(pool[1]))
+
+
 # --------------------------------------------------------------------------- training
 
 @dataclass
@@ -235,6 +267,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     num_classes: int = 10
     seed: int = 0
+    augment: str = "none"  # "none", "digits", "photos" or "auto" (see the module doc)
 
     def __post_init__(self):
         if self.model not in _BUILDERS:
@@ -244,6 +277,8 @@ class TrainConfig:
             v = getattr(self, f)
             if not isinstance(v, (int, np.integer)) or v < (1 if f != "min_steps" else 0):
                 raise ValueError(f"{f}: expected a positive int, got {v!r}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment: expected one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, "
                              f"{self.weight_decay}")
@@ -258,10 +293,24 @@ def num_steps(n: int, config: TrainConfig) -> int:
     return max(config.epochs * per_epoch, config.min_steps)
 
 
+def augmenter(kind: str, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The batch transform of ``TrainConfig.augment`` for float images ``x (n, C, H, W)``; None for "none"."""
+    if kind == "auto":
+        kind = "digits" if x.shape[1] == 1 else "photos"
+    if kind == "none":
+        return None
+    if kind == "digits":
+        move = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+    else:
+        move = v2.Compose([v2.RandomCrop(x.shape[-2:], padding=4), v2.RandomHorizontalFlip()])
+    return lambda batch: torch.cat([move(group) for group in batch.split(AUGMENT_GROUP)])
+
+
 def fit_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, *,
-              rank: int = 0, world_size: int = 1,
+              pool: tuple[torch.Tensor, torch.Tensor] | None = None, rank: int = 0, world_size: int = 1,
               on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
-    """Train ``model`` in place on float ``x (n,C,H,W)`` and int64 ``y``; returns it.
+    """Train ``model`` in place on float ``x (n,C,H,W)`` and int64 ``y``; returns it. ``pool``:
+    float pool images ``(m,C,H,W)`` and their target mass ``(m, classes)`` (see the module doc).
 
     Mini-batches come from one seeded permutation per pass over the data, shared by every
     rank; with ``world_size > 1`` each rank takes its slice of each global batch (the model is
@@ -276,6 +325,14 @@ def fit_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainC
     gen = torch.Generator().manual_seed(config.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
+    augment = augmenter(config.augment, x)
+    if augment is not None:  # torchvision draws its parameters from torch's global generator
+        torch.manual_seed(config.seed + 2)
+    if pool is not None and len(pool[0]):
+        pool_x, pool_mass = pool[0].to(device), pool[1].to(device)
+        pool_gen = torch.Generator().manual_seed(config.seed + 3)
+    else:
+        pool = None
     steps, step, epoch = num_steps(n, config), 0, 0
     model.train()
     while step < steps:
@@ -288,7 +345,12 @@ def fit_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainC
             if len(idx) == 0:  # fewer images than ranks in this batch: still join the allreduce
                 idx = perm[start:start + 1].to(device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[idx]), y[idx])
+            batch = x[idx] if augment is None else augment(x[idx])
+            loss = loss_fn(model(batch), y[idx])
+            if pool is not None:
+                pick = torch.randint(len(pool_x), (config.batch_size,), generator=pool_gen)[rank::world_size]
+                batch = pool_x[pick] if augment is None else augment(pool_x[pick])
+                loss = loss - (pool_mass[pick] * torch.log_softmax(model(batch), dim=1)).sum(dim=1).mean()
             loss.backward()
             opt.step()
             total, count, step = total + loss.item() * len(idx), count + len(idx), step + 1
@@ -299,20 +361,22 @@ def fit_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainC
     return model
 
 
-def train_classifier(images, labels, config: TrainConfig | None = None, *,
+def train_classifier(images, labels, config: TrainConfig | None = None, *, pool=None,
                      device: str = "cpu") -> nn.Module:
     """Train a fresh ``config.model`` on uint8 images and int labels; returns it in eval mode.
+    ``pool``: uint8 pool images and their float target mass (see the module doc), or None.
 
     Deterministic per ``config.seed`` (same device and torch thread count).
     """
     config = config or TrainConfig()
     images = check_images(images, min_count=1)
     labels = check_labels(labels, len(images), num_classes=config.num_classes)
+    pool = check_pool(pool, images, config.num_classes)
     in_channels, size = image_geometry(images)
     torch.manual_seed(config.seed)
     model = build_model(config.model, in_channels=in_channels, num_classes=config.num_classes,
                         image_size=size).to(device)
-    return fit_model(model, to_tensor(images), torch.from_numpy(labels), config)
+    return fit_model(model, to_tensor(images), torch.from_numpy(labels), config, pool=pool_tensors(pool))
 
 
 @torch.no_grad()

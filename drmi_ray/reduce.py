@@ -50,30 +50,50 @@ IMAGES_PER_CLUSTER = 1300  # default k-means granularity: about one ImageNet cla
 
 def check_config(c: ReduceConfig) -> None:
     """Refuse settings that cannot run, before any work (no Ray, no image decoded): one-line
-    ValueErrors naming the ``drmi reduce`` flag and the fix."""
-    from drmi_ray.config import check_choice, check_exists, check_int, check_number, check_source
-    from drmi_ray.mi import COLOR_MODES, LEVELS
+    ValueErrors naming the ``drmi reduce`` flag and the fix. A pool URL is listed (not decoded)
+    to bound --budget, --pool-size and --clusters by its image count."""
+    import dataclasses
 
-    check_int("--budget", c.budget, fix="give K, the number of images to select")
-    for name in ("tile_size", "max_in_flight", "parallel_partitions", "dense_max", "num_actors", "batch_files",
-                 "max_pixels", "test_size"):
-        check_int("--" + name.replace("_", "-"), getattr(c, name))
-    for name in ("size", "pool_size", "clusters"):
-        check_int("--" + name.replace("_", "-"), getattr(c, name), none_ok=True)
+    from drmi_ray.config import (ATTACK_FLAGS, MAX_SIZE, SEED_MAX, SUBSTITUTE_FLAGS, check_attack, check_bool,
+                                 check_checkpoint, check_choice, check_exists, check_int, check_number,
+                                 check_source, check_train, pool_images)
+    from drmi_ray.images import MIN_SIDE
+    from drmi_ray.mi import COLOR_MODES, LEVELS
+    from drmi_ray.spread import LEARN_MODES
+
+    check_int("--budget", c.budget, maximum=10**9, fix="give K, the number of images to select")
+    bounds = {"tile_size": 16_384, "max_in_flight": 10_000, "parallel_partitions": 1_000, "dense_max": 50_000,
+              "num_actors": 1_024, "batch_files": 100_000, "max_pixels": 10**9, "test_size": 10**7}
+    for name, most in bounds.items():
+        check_int("--" + name.replace("_", "-"), getattr(c, name), maximum=most)
+    check_int("--size", c.size, minimum=MIN_SIDE, maximum=MAX_SIZE, none_ok=True,
+              fix=f"images are decoded to SIZE x SIZE; smaller than {MIN_SIDE} leaves nothing to compare")
+    check_int("--pool-size", c.pool_size, maximum=10**9, none_ok=True)
+    check_int("--clusters", c.clusters, maximum=100_000, none_ok=True)
     if c.pool_size is not None and c.budget > c.pool_size:
         raise ValueError(f"--budget {c.budget} is larger than --pool-size {c.pool_size}; lower the budget or "
                          "enlarge the pool")
-    check_int("--seed", c.seed, minimum=0)
-    check_int("--serve-port", c.serve_port, minimum=1, maximum=65535)
+    check_int("--seed", c.seed, minimum=0, maximum=SEED_MAX)
+    check_int("--serve-port", c.serve_port, minimum=1, maximum=65535, none_ok=True)
     check_choice("--partition", c.partition, ("kmeans", "label", "none"))
     check_choice("--store-dtype", c.store_dtype, ("float64", "float32"))
-    check_number("--gpus-per-tile", c.gpus_per_tile, at_least=0, fix="0 computes MI tiles on CPUs")
+    check_number("--gpus-per-tile", c.gpus_per_tile, at_least=0, at_most=16, fix="0 computes MI tiles on CPUs")
     check_int("--bins", c.mi.bins, minimum=2, maximum=LEVELS, fix="give the grey levels per pixel (default 256)")
     check_choice("--color", c.mi.color, COLOR_MODES)
-    check_int("--substitute-workers", c.substitute_workers, minimum=0, fix="0 fits in Ray Train's local mode")
+    check_choice("--learn", c.learn, LEARN_MODES)
+    check_int("--substitute-workers", c.substitute_workers, minimum=0, maximum=1_024,
+              fix="0 fits in Ray Train's local mode")
+    for name in ("rgb", "download", "substitute_gpu"):
+        check_bool("--" + name.replace("_", "-"), getattr(c, name))
+    check_train(dataclasses.asdict(c.substitute), lambda f: SUBSTITUTE_FLAGS.get(f, f"substitute.{f}"))
+    check_attack(dataclasses.asdict(c.attack), lambda f: ATTACK_FLAGS.get(f, f"attack.{f}"))
     check_source("--data", c.data, download=c.download)
-    check_exists("--target", c.target, "a target checkpoint (.pt)")
+    check_checkpoint("--target", c.target)
     check_exists("--test", c.test, "a labelled ImageFolder tree or Parquet shards")
+    n = pool_images(c.data)  # last: a URL is listed
+    for option, value in (("--budget", c.budget), ("--pool-size", c.pool_size), ("--clusters", c.clusters)):
+        if value is not None and value > n:
+            raise ValueError(f"{option} {value} is larger than the pool ({n:,} images in {c.data}); lower {option}")
 
 
 # --------------------------------------------------------------------------- 1. pool
@@ -111,6 +131,7 @@ class Partition:
     name: str  # folder-safe name: its tile store is {out}/mi/NAME
     members: np.ndarray  # pool indices, ascending
     budget: int = 0
+    store: str | None = None  # its MI tile store's URL, once computed
 
 
 def _safe(name: str) -> str:
@@ -273,8 +294,9 @@ def select_all(keys: np.ndarray, parts: list[Partition], stores: dict[int, str],
     return np.sort(np.concatenate(chosen)), float(objective)
 
 
-def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> dict:
-    """Partition, compute MI per partition, select per partition; returns selection.json's dict."""
+def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> tuple[dict, list[Partition]]:
+    """Partition, compute MI per partition, select per partition; returns selection.json's dict
+    and the partitions (their members and tile stores: the attack's pool graph)."""
     from drmi_ray.partition import partition_budgets
 
     if c.budget > len(pool):
@@ -298,6 +320,8 @@ def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> dict:
     inside = np.zeros(len(pool), dtype=bool)
     inside[selected] = True
     mi_seconds = t_sel - t_mi
+    for p in parts:
+        p.store = stores.get(p.key)
     return {
         "format": "drmi-selection", "version": 1,
         "data": c.data, "budget": int(c.budget), "partition": c.partition,
@@ -317,7 +341,7 @@ def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> dict:
         "stats": {"decoded_images_per_s": round(pool.stats.get("images_per_s", 0.0), 1),
                   "mi_pairs": mi_stats["pairs"], "mi_pairs_computed": mi_stats["pairs_computed"],
                   "mi_pairs_per_s": round(mi_stats["pairs_computed"] / max(mi_seconds, 1e-9), 1)},
-    }
+    }, parts
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -343,14 +367,14 @@ def run_reduce(c: ReduceConfig, out: str, *, address: str | None = None) -> dict
         log.info(f"skipped {s['path']}: {s['reason']}")
     if len(pool.skipped) > 20:
         log.info(f"... and {len(pool.skipped) - 20} more skipped files (all listed in selection.json)")
-    result = reduce_pool(pool, c, out)
+    result, parts = reduce_pool(pool, c, out)
     result["seconds"]["total"] = round(time.perf_counter() - t0, 3)
     report.write_text(f"{out}/config.json", json.dumps(c.to_dict(), indent=1))
     report.write_text(f"{out}/selection.json", json.dumps(result, indent=1))
     log.info(f"selected {len(result['selected'])} of {result['n_images']} images ({len(result['skipped'])} skipped) "
              f"in {result['seconds']['total']:.1f} s; wrote {out}/selection.json")
     if c.target:
-        attack_with_selection(pool, result, c, out)
+        attack_with_selection(pool, result, c, out, parts)
         log.info(f"wrote {out}/report.md")
     return result
 
@@ -410,14 +434,33 @@ def at_geometry(pool: Pool, indices, shape: tuple) -> np.ndarray:
     return np.asarray(again.images)
 
 
-def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str) -> list[dict]:
-    """Query the target with the selection, fit a substitute (Ray Train), score it and attack."""
+def pool_graph(pool: Pool, parts: list[Partition]):
+    """The whole pool's kNN graph on NMI (``spread.knn_graph``): each partition's graph from its
+    own tile store (read a tile-row at a time), so images of different partitions are never linked."""
+    import scipy.sparse as sp
+
+    from drmi_ray.matrix import TileStore
+    from drmi_ray.spread import knn_graph
+
+    blocks = []
+    for p in parts:
+        local = knn_graph(TileStore(p.store)).tocoo() if p.store and len(p.members) > 1 else sp.coo_matrix((0, 0))
+        blocks.append((p.members[local.row], p.members[local.col], local.data))
+    rows, cols, weights = (np.concatenate(x) for x in zip(*blocks))
+    return sp.csr_matrix((weights, (rows, cols)), shape=(len(pool), len(pool)))
+
+
+def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str,
+                          parts: list[Partition] | None = None) -> list[dict]:
+    """Query the target with the selection, fit a substitute (Ray Train), score it and attack.
+    ``parts``: ``reduce_pool``'s partitions, whose tile stores give the pool graph that
+    ``--learn pool`` spreads the answers over."""
     import dataclasses
 
     from drmi_ray import report
     from drmi_ray.baselines import seeded_shuffle
     from drmi_ray.client import TargetClient
-    from drmi_ray.experiment import fit_and_score
+    from drmi_ray.experiment import fit_and_score, substitute_job
     from drmi_ray.models import predict
     from drmi_ray.service import run_target
     from drmi_ray.target import load_checkpoint, load_classifier
@@ -446,13 +489,26 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str) -
 
     t = time.perf_counter()
     train = dataclasses.replace(c.substitute, num_classes=int(ckpt["num_classes"]), seed=c.seed)
+    graph = None
+    if c.learn != "answers" and parts is not None:
+        if pool.images.shape[1:] == tuple(shape):
+            t_graph = time.perf_counter()
+            graph = pool_graph(pool, parts)
+            timings["pool graph"] = time.perf_counter() - t_graph
+        else:
+            log.info(f"--learn {c.learn}: the pool was decoded at {pool.images.shape[1:]}, the target takes {shape}; "
+                     "fitting on the answers alone (decode with --size/--rgb matching the target to use the pool)")
+    job, learned = substitute_job(images, answers, selected, train, pool_images=pool.images, graph=graph,
+                                  learn=c.learn)
+    log.info(f"substitute learns from the {learned['learn']}"
+             + (f" ({learned['reached']} pool images reached, {learned['unreached']} not)" if "reached" in learned else ""))
     target_labels = predict(load_classifier(c.target), test_images)
-    (scores,) = fit_and_score([(images, answers, train)], c.target, test_images, test_labels,
+    (scores,) = fit_and_score([job], c.target, test_images, test_labels,
                               target_labels, c, storage_path=f"{out}/train")
     timings["substitute training, evaluation and PGD transfer"] = time.perf_counter() - t
     rows = [{"method": "drmi", "budget": len(images), "seed": c.seed, "queries": int(queries),
              "accuracy": scores["accuracy"], "fidelity": scores["fidelity"],
-             "transfer_rate": scores["transfer_rate"], "substitute": c.substitute.model,
+             "transfer_rate": scores["transfer_rate"], "substitute": c.substitute.model, "learn": learned["learn"],
              "test_images": int(len(test_images))}]
     notes = [f"pool: {c.data} ({result['n_images']} images, {len(result['skipped'])} skipped), "
              f"partition {result['partition']}", f"target: {c.target} ({ckpt['model']})",

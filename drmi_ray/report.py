@@ -48,6 +48,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                  "queries": sorted({r["queries"] for r in cell})}
         for metric in METRICS:
             entry[metric], entry[metric + "_ci"] = mean_ci([r[metric] for r in cell])
+            entry[metric + "_seeds"] = [r[metric] for r in sorted(cell, key=lambda r: r["seed"])]
         summary.append(entry)
     return summary
 
@@ -59,7 +60,8 @@ def markdown_table(summary: list[dict]) -> str:
     budgets = sorted({s["budget"] for s in summary})
     lines = []
     for metric in METRICS:
-        lines += [f"\n### {metric.replace('_', ' ')} (mean ± 95% CI over seeds)\n",
+        lines += [f"\n### {metric.replace('_', ' ')} (mean ± 95% CI over seeds; with fewer than "
+                  f"{MIN_SEEDS_FOR_CI} seeds, each seed's value)\n",
                   "| budget | " + " | ".join(methods) + " |",
                   "|---:|" + "---:|" * len(methods)]
         for b in budgets:
@@ -68,8 +70,8 @@ def markdown_table(summary: list[dict]) -> str:
                 s = by_cell.get((m, b))
                 if s is None:
                     cells.append("—")
-                elif s["seeds"] == 1:  # one seed: no interval to show
-                    cells.append(f"{100 * s[metric]:.1f}")
+                elif s["seeds"] < MIN_SEEDS_FOR_CI:  # too few seeds for an interval: each seed's value
+                    cells.append(" / ".join(f"{100 * v:.1f}" for v in s[metric + "_seeds"]))
                 else:
                     cells.append(f"{100 * s[metric]:.1f} ± {100 * s[metric + '_ci']:.1f}")
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
@@ -89,23 +91,52 @@ def prada_table(rows: list[dict], delta: float) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict]) -> bytes:
-    """PNG: accuracy, fidelity and transfer rate against queries, one line per method, CI bars."""
+MIN_SEEDS_FOR_CI = 3  # fewer seeds: each seed's value is shown, not a Student-t interval
+
+
+def method_styles(methods) -> dict:
+    """A colour and a marker of its own for each method (tab20 has 20 colours, 10 markers cycle)."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors
+    markers = "osD^vP*Xph"
+    return {m: {"color": colours[i % 20], "marker": markers[i % len(markers)]} for i, m in enumerate(methods)}
+
+
+def plot(rows: list[dict]) -> bytes:
+    """PNG: accuracy, fidelity and transfer rate against queries, one line per method (its own
+    colour and marker). With at least ``MIN_SEEDS_FOR_CI`` seeds a cell shows its mean and 95%
+    CI, kept inside 0-100 %; with fewer, the mean line and each seed's own point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
+    summary = summarize(rows)
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    styles = method_styles(methods)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5.5 * len(METRICS), 4.5))
     for ax, metric in zip(axes, METRICS):
-        for method in dict.fromkeys(s["method"] for s in summary):
+        for method in methods:
             cell = [s for s in summary if s["method"] == method]
-            ax.errorbar([s["budget"] for s in cell], [100 * s[metric] for s in cell],
-                        yerr=[100 * s[metric + "_ci"] for s in cell], marker="o", capsize=3, label=method)
+            x = np.array([s["budget"] for s in cell])
+            mean = np.array([100 * s[metric] for s in cell])
+            if min(s["seeds"] for s in cell) >= MIN_SEEDS_FOR_CI:
+                half = np.array([100 * s[metric + "_ci"] for s in cell])
+                low, high = np.clip(mean - half, 0, 100), np.clip(mean + half, 0, 100)
+                ax.errorbar(x, mean, yerr=[mean - low, high - mean], capsize=3, label=method, **styles[method])
+            else:
+                ax.plot(x, mean, label=method, **styles[method])
+                points = [(r["budget"], 100 * r[metric]) for r in rows if r["method"] == method]
+                ax.scatter(*zip(*points), s=12, alpha=0.5, color=styles[method]["color"],
+                           marker=styles[method]["marker"])
         ax.set_xlabel("queries to the target")
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    seeds = min(s["seeds"] for s in summary)
+    fig.suptitle(f"mean and 95% CI over seeds" if seeds >= MIN_SEEDS_FOR_CI else
+                 f"mean (line) and each seed (points): fewer than {MIN_SEEDS_FOR_CI} seeds, no interval")
+    axes[0].legend(fontsize=8, ncol=2)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -133,7 +164,7 @@ def write_run(out: str, rows: list[dict], *, config: dict, timings: dict, notes:
     write_text(f"{out}/results.csv", buf.getvalue())
     write_text(f"{out}/config.json", json.dumps(config, indent=1))
     summary = summarize(rows)
-    write_text(f"{out}/results.png", plot(summary))
+    write_text(f"{out}/results.png", plot(rows))
     timing_lines = "\n".join(f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items())
     report = (
         "# drmi-ray run\n\n"

@@ -50,8 +50,8 @@ from torch import nn
 
 from .runtime import init_ray, log, use_cpus
 from .images import check_images
-from .models import (TrainConfig, build_model, check_labels, fit_model, image_geometry,
-                     num_steps, predict, to_tensor)
+from .models import (TrainConfig, build_model, check_labels, check_pool, fit_model, image_geometry,
+                     num_steps, pool_tensors, predict, to_tensor)
 
 
 CHECKPOINT_DIR = "checkpoint_final"  # the checkpoint's folder inside the Train run folder
@@ -62,7 +62,7 @@ def weights_file(i: int) -> str:
     return f"model-{i}.pt"
 
 
-def _fit_one(images, labels, config: TrainConfig, *, rank: int, world: int, use_gpu: bool):
+def _fit_one(images, labels, pool, config: TrainConfig, *, rank: int, world: int, use_gpu: bool):
     """One substitute on this worker (DDP over the run's workers when ``world > 1``)."""
     import ray.train.torch
 
@@ -73,7 +73,7 @@ def _fit_one(images, labels, config: TrainConfig, *, rank: int, world: int, use_
     if world > 1 or use_gpu:  # device placement; DDP when world > 1
         model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
     losses: list[float] = []
-    fit_model(model, to_tensor(images), torch.from_numpy(labels), config, rank=rank,
+    fit_model(model, to_tensor(images), torch.from_numpy(labels), config, pool=pool_tensors(pool), rank=rank,
               world_size=world, on_epoch=lambda epoch, loss: losses.append(loss))
     inner = model.module if hasattr(model, "module") else model
     return {k: v.detach().cpu() for k, v in inner.state_dict().items()}, losses
@@ -98,8 +98,8 @@ def _train_loop(cfg: dict) -> None:
         os.makedirs(folder, exist_ok=True)
         for i in mine:
             ref, config = cfg["jobs"][i]
-            images, labels = ray.get(ref)
-            state, losses = _fit_one(images, labels, TrainConfig(**config), use_gpu=cfg["use_gpu"],
+            images, labels, pool = ray.get(ref)
+            state, losses = _fit_one(images, labels, pool, TrainConfig(**config), use_gpu=cfg["use_gpu"],
                                      rank=rank if ddp else 0, world=world if ddp else 1)
             if rank == 0 or not ddp:
                 torch.save(state, os.path.join(folder, weights_file(i)))
@@ -141,7 +141,8 @@ def _run_local(train_loop_config: dict, storage_path: str, name: str) -> None:
 def _shares(jobs, k: int) -> list[list[int]]:
     """Job indices dealt into ``k`` shares of about equal work (images per step x steps):
     the largest job first, each to the least loaded share."""
-    cost = [num_steps(len(x), c) * min(len(x), c.batch_size) for x, _, c in jobs]
+    cost = [num_steps(len(x), c) * (min(len(x), c.batch_size) + (c.batch_size if pool else 0))
+            for x, _, c, pool in jobs]
     shares, load = [[] for _ in range(k)], [0] * k
     for i in sorted(range(len(jobs)), key=lambda i: -cost[i]):
         w = load.index(min(load))
@@ -164,7 +165,9 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
                     return_info: bool = False):
     """Fit one substitute per ``(images, labels, TrainConfig)`` job in one Ray Train run.
 
-    ``images`` uint8, ``labels`` the target's answers. ``num_workers``: Ray Train workers per
+    ``images`` uint8, ``labels`` the target's answers; a job may carry a fourth item, ``pool``:
+    unlabeled pool images and their target mass (``spread.pool_targets``; see ``models.fit_model``),
+    or None. ``num_workers``: Ray Train workers per
     substitute (1: one worker each, ``max_concurrent`` at once; > 1: DDP, one substitute at a
     time; 0: local mode); see the module docstring. ``storage_path``: where the Train run
     folder ``{storage_path}/{name}`` and its checkpoint go; pass the experiment's run folder
@@ -178,9 +181,10 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
     """
     jobs = list(jobs)
     checked = []
-    for i, (images, labels, config) in enumerate(jobs):
+    for i, (images, labels, config, *pool) in enumerate(jobs):
         images = check_images(images, name="images" if len(jobs) == 1 else f"jobs[{i}] images", min_count=1)
-        checked.append((images, check_labels(labels, len(images), num_classes=config.num_classes), config))
+        checked.append((images, check_labels(labels, len(images), num_classes=config.num_classes), config,
+                         check_pool(pool[0] if pool else None, images, config.num_classes)))
     jobs = checked
     if not jobs:
         return ([], []) if return_info else []
@@ -203,7 +207,7 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
                 max_concurrent = min(max_concurrent, int(res.get("GPU", 0)))
         shares = _shares(jobs, max(1, min(max_concurrent, len(jobs))))
         workers = len(shares)
-    cfg = {"jobs": [(ray.put((x, y)), c.to_dict()) for x, y, c in jobs],
+    cfg = {"jobs": [(ray.put((x, y, pool)), c.to_dict()) for x, y, c, pool in jobs],
            "shares": shares, "use_gpu": use_gpu, "local_checkpoint": None}
     log.info(f"  fitting {len(jobs)} substitute(s) in one Ray Train run, {workers} worker(s)"
              f"{' (DDP)' if shares is None else ' (local mode)' if num_workers == 0 else ''}")
@@ -232,7 +236,7 @@ def fit_substitutes(jobs, *, num_workers: int = 1, use_gpu: bool = False,
 def _load(jobs, folder: str):
     """Each job's model (CPU, eval mode) and losses, from ``model-{i}.pt`` and ``losses-{i}.json``."""
     models, losses = [], []
-    for i, (images, _, config) in enumerate(jobs):
+    for i, (images, _, config, _) in enumerate(jobs):
         in_channels, size = image_geometry(images)
         model = build_model(config.model, in_channels=in_channels,
                             num_classes=config.num_classes, image_size=size)

@@ -4,6 +4,7 @@ every error that reaches the CLI is one line on stderr (exit 2), or a traceback 
 No test here starts Ray or trains anything: the work itself is monkeypatched where it is reached.
 """
 
+import argparse
 import os
 import time
 
@@ -61,6 +62,76 @@ def test_run_settings_are_checked_up_front(tmp_path, capsys, no_work, flags, opt
     assert main(["run", *flags, "--out", str(tmp_path / "run")]) == 2
     assert option in one_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def drmi(argv) -> int:
+    """``main``'s exit code, argparse's own refusals (SystemExit) included."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def long_name(action) -> str:
+    return next(o for o in action.option_strings if o.startswith("--"))
+
+
+def cli_options():
+    from drmi_ray.cli import build_parser
+
+    for command, parser in build_parser().subcommands.items():
+        for action in parser._actions:
+            if action.option_strings and not isinstance(action, argparse._HelpAction):
+                yield command, action
+
+
+def bad_values(action, tmp_path) -> list[list[str]]:
+    """Argument lists that give ``action``'s option a bad value: from its kind (a flag, a choice,
+    a number), or, for options that name a thing, from SPECIFIC below."""
+    from drmi_ray.cli import int_list, str_list
+
+    option = long_name(action)
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("not a checkpoint")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    missing = str(tmp_path / "missing")
+    specific = {
+        "--out": [str(a_file)], "--config": [missing + ".json"], "--pool": [missing], "--data": [missing],
+        "--test": [missing], "--target": [str(not_a_checkpoint)], "--substitute": ["no-such-net"],
+        "--address": ["nowhere"],
+    }
+    if option == "--data-root":  # only read by the paper protocols
+        return [["--protocol", "paper-mnist", option, missing]]
+    if option in specific:
+        return [[option, v] for v in specific[option]]
+    if action.nargs == 0:  # a flag takes no value
+        return [[f"{option}=1"]]
+    if action.choices:
+        return [[option, "not-a-choice"]]
+    generic = {int: ["-1", "1000000000000"], float: ["-1", "nan", "1e300"], int_list: ["0", "1000000000000"],
+               str_list: ["no-such-method"]}
+    if action.type in generic:
+        return [[option, v] for v in generic[action.type]]
+    pytest.fail(f"no bad value for {option}: add one to bad_values in tests/test_cli.py")
+
+
+@pytest.mark.parametrize("command, action", list(cli_options()),
+                         ids=[f"{c} {long_name(a)}" for c, a in cli_options()])
+def test_every_option_refuses_a_bad_value_in_one_line_within_5_s(tmp_path, capsys, no_work, command, action):
+    """Walks every option of `drmi run` and `drmi reduce` (an option added later is walked too):
+    a bad value exits non-zero with one line on stderr naming the option, fast, before any work."""
+    option = long_name(action)
+    base = ["run", "--out", str(tmp_path / "run")] if command == "run" else reduce_args(tmp_path / "run")
+    for bad in bad_values(action, tmp_path):
+        start = time.perf_counter()
+        code = drmi([*base, *bad])
+        seconds = time.perf_counter() - start
+        err = capsys.readouterr().err.strip()
+        assert code not in (0, None), (bad, err)
+        assert len(err.splitlines()) == 1 and option in err, (bad, err)
+        assert seconds < 5, (bad, seconds)
+        assert not (tmp_path / "run").exists()
 
 
 def test_config_checks_refuse_bools_and_values_that_would_fail_late():

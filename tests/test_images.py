@@ -133,3 +133,85 @@ def test_check_images_says_what_to_do(bad, kwargs, error, words):
     assert msg.startswith("pool ") and "\n" not in msg
     for word in words:
         assert word in msg, (word, msg)
+
+
+# ----------------------------------------------------------------------------- decoded image files
+
+def encoded(image, fmt: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def digit_in_every_mode(digit) -> dict:
+    """One 8-bit digit saved in every PIL mode that holds it exactly -> the encoded file."""
+    from PIL import Image
+
+    grey = Image.fromarray(digit)
+    wide = digit.astype(np.uint16) * 257  # the same digit over 0..65535
+    return {
+        "L png": encoded(grey, "PNG"),
+        "I;16 png": encoded(Image.fromarray(wide), "PNG"),
+        "I;16B tiff": encoded(Image.fromarray(wide.astype(">u2")), "TIFF"),
+        "I tiff": encoded(Image.fromarray(wide.astype(np.int32)), "TIFF"),
+        "F tiff 0..1": encoded(Image.fromarray(digit.astype(np.float32) / 255), "TIFF"),
+        "F tiff 0..255": encoded(Image.fromarray(digit.astype(np.float32)), "TIFF"),
+        "P png": encoded(grey.convert("P"), "PNG"),
+        "LA png": encoded(grey.convert("LA"), "PNG"),
+        "RGBA png": encoded(grey.convert("RGBA"), "PNG"),
+        "CMYK tiff": encoded(grey.convert("CMYK"), "TIFF"),
+    }
+
+
+def test_every_pil_mode_decodes_to_the_pixels_of_its_8_bit_save(digits):
+    from PIL import Image
+
+    from drmi_ray.data import decode_image
+
+    digit = digits[0][7]
+    for name, data in digit_in_every_mode(digit).items():
+        assert np.array_equal(decode_image(data), digit), name
+        assert np.array_equal(decode_image(data, mode="RGB"), np.repeat(digit[..., None], 3, axis=2)), name
+    binary = digit >= 128  # mode "1": black or white
+    assert np.array_equal(decode_image(encoded(Image.fromarray(binary), "PNG")), binary.astype(np.uint8) * 255)
+    # transparent pixels are black, whatever colour they hold
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 255, digit
+    assert np.array_equal(decode_image(encoded(Image.fromarray(rgba), "PNG")), digit)
+
+
+def test_to_uint8_scales_by_the_type_range_never_clips():
+    from drmi_ray.images import to_uint8
+
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert np.array_equal(to_uint8(ramp.astype(np.uint16) * 257), ramp)
+    assert np.array_equal(to_uint8(ramp.astype(np.int32) * 257), ramp)
+    assert np.array_equal(to_uint8(ramp / 255), ramp)
+    assert np.array_equal(to_uint8(ramp.astype(np.float32)), ramp)
+    assert np.array_equal(to_uint8(ramp.astype(np.int32) * 1000 - 5000), ramp)  # out of range: stretched
+    noise = np.random.default_rng(0).integers(0, 65536, (64, 64), dtype=np.uint16)
+    assert abs(to_uint8(noise).mean() - 127.5) < 3  # not 99% white
+    with pytest.raises(ValueError, match="NaN"):
+        to_uint8(np.full((8, 8), np.nan, np.float32))
+
+
+def test_degenerate_images_are_named_and_real_digits_are_not(digits):
+    from drmi_ray.images import degenerate
+
+    assert not any(degenerate(d) for d in digits[0])  # none of the 5,000 bundled digits
+    assert not degenerate(np.repeat(digits[0][0][..., None], 3, axis=2))
+    near = np.full((28, 28), 200, np.uint8)
+    near[::2] += 1
+    near[0, :5] = 0  # 5 of 784 pixels (0.6%) far off
+    cases = {
+        "1x1 pixels, below the 8x8 floor": (np.zeros((1, 1), np.uint8), None),
+        "4x300 pixels, below the 8x8 floor": (np.zeros((28, 28), np.uint8), (4, 300)),
+        "blank (every pixel is 0)": (np.zeros((28, 28), np.uint8), None),
+        "blank (every pixel is (10, 20, 30))": (np.full((28, 28, 3), (10, 20, 30), np.uint8), None),
+        "nearly constant (99.4% of its pixels": (near, None),
+    }
+    for words, (image, size) in cases.items():
+        reason = degenerate(image, size)
+        assert reason.startswith("degenerate image: ") and words in reason, (words, reason)

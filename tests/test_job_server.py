@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -254,7 +255,8 @@ def test_ray_job_submit_with_a_token_runs_the_imagenet_job_on_both_nodes(cluster
     out = tmp_path / "out"
     client = JobSubmissionClient(cluster.dashboard, headers=cluster.auth_headers)
     job = client.submit_job(
-        entrypoint=f"python jobs/imagenet.py --data {image_folder} --budget {BUDGET} --out {out} "
+        # this interpreter, not whatever `python` the shell finds (an unactivated venv's is another)
+        entrypoint=f"{shlex.quote(sys.executable)} jobs/imagenet.py --data {image_folder} --budget {BUDGET} --out {out} "
                    f"--partition kmeans --clusters 3",
         runtime_env={"working_dir": ROOT,
                      "excludes": ["runs/", "docs/", ".git/", "benchmarks/", "**/__pycache__/", "*.egg-info/"]},

@@ -1,5 +1,6 @@
-"""The target's ledger without Ray or HTTP: exact budgets, idempotent request ids, the journal's
-crash rules (a torn tail is cut at any byte, a damaged middle refuses to start), PRADA rebuilt."""
+"""The target's ledger without Ray or HTTP: exact budgets, idempotent string request ids, the
+journal's crash rules (a torn last line past the high-water mark is cut at any byte; truncation,
+emptying, a flipped bit, a missing record or a damaged mark refuse to start), PRADA rebuilt."""
 
 import os
 import threading
@@ -112,14 +113,49 @@ def test_concurrent_callers_never_pass_the_budget(tmp_path, operator, digits):
     assert sum(answered) == ledger.usage("a")["used"] == sum(journal) == 157
 
 
-def test_rate_limit_refuses_with_the_wait_until_the_debt_is_paid(tmp_path, operator, digits):
+def test_rate_limit_refuses_with_the_wait_for_the_tokens_and_a_batch_over_the_burst_whole(tmp_path, operator, digits):
     ledger = Ledger(str(tmp_path / "j.jsonl"), operator, SERVICE)
-    ledger.create_key("a", budget=1000, rate_limit=100.0, burst=1.0)
-    ask(ledger, "a", "r0", digits[0][:50])  # the bucket goes 49 images into debt
+    ledger.create_key("a", budget=1000, rate_limit=100.0, burst=50.0)
+    ask(ledger, "a", "r0", digits[0][:50])  # the whole burst
     with pytest.raises(Refused) as e:
-        ask(ledger, "a", "r1", digits[0][:1])
+        ask(ledger, "a", "r1", digits[0][:50])  # 50 more tokens take 0.5 s to come
     assert e.value.status == 429 and 0.3 < e.value.retry_after <= 0.5
-    assert ledger.usage("a")["used"] == 50
+    with pytest.raises(Refused) as e:  # larger than the burst: it could never pass, refused before any work
+        ask(ledger, "a", "r2", digits[0][:51])
+    assert e.value.status == 413 and "burst of 50" in e.value.message and e.value.retry_after is None
+    assert ledger.usage("a")["used"] == 50 and ledger.usage("a")["reserved"] == 0
+
+
+@pytest.mark.parametrize("rid", [5, 0, True, False, 1.5, None, ["r"], {"r": 1}, "", "a b", "x" * 129])
+def test_a_request_id_that_is_not_a_string_is_refused_in_every_call_never_coerced(tmp_path, operator, digits, rid):
+    ledger = Ledger(str(tmp_path / "j.jsonl"), operator, SERVICE)
+    ledger.create_key("a", budget=10)
+    images = digits[0][:2]
+    for call in (lambda: ledger.begin("a", rid, 2, images_digest(images)),
+                 lambda: ledger.commit("a", rid, images_digest(images), [1, 2], [1, 2], images),
+                 lambda: ledger.release("a", rid)):
+        with pytest.raises(Refused) as e:
+            call()
+        assert e.value.status == 400 and "request id" in e.value.message and "\n" not in e.value.message
+    usage = ledger.usage("a")
+    assert (usage["used"], usage["reserved"], usage["left"]) == (0, 0, 10)
+
+
+def test_issue_23_repro_begin_with_a_string_then_commit_with_a_number_is_refused(tmp_path, operator, digits):
+    path = str(tmp_path / "j.jsonl")
+    ledger = Ledger(path, operator, SERVICE)
+    ledger.create_key("a", budget=10)
+    a = digits[0][:3]
+    assert ledger.begin("a", "5", 3, images_digest(a))[0] == "go"
+    with pytest.raises(Refused) as e:  # was: journaled under the int 5, a second slot beside "5"
+        ledger.commit("a", 5, images_digest(a), [0] * 3, [0] * 3, a)
+    assert e.value.status == 400
+    assert ledger.commit("a", "5", images_digest(a), [0] * 3, [0] * 3, a) == [0] * 3
+    ledger.close()
+    ledger = Ledger(path, operator, SERVICE)  # after a restart, id "5" with other images is still 409
+    with pytest.raises(Refused) as e:
+        ask(ledger, "a", "5", digits[0][3:6])
+    assert e.value.status == 409 and ledger.usage("a")["used"] == 3
 
 
 @pytest.mark.parametrize("settings, match", [
@@ -154,26 +190,119 @@ def test_keys_are_macs_of_their_names(tmp_path, operator):
         ledger.authenticate(api_key(operator, "nobody"))
 
 
-def test_journal_cut_at_every_byte_of_its_last_record_replays_to_the_right_count(tmp_path, operator, digits):
+def paid_journal(tmp_path, operator, digits, requests=(3, 4)):
+    """A closed journal with key "a" and one answer per entry of ``requests`` (that many images)."""
     path = str(tmp_path / "j.jsonl")
     ledger = Ledger(path, operator, SERVICE)
     ledger.create_key("a", budget=100)
-    ask(ledger, "a", "r0", digits[0][:3])
+    for i, n in enumerate(requests):
+        ask(ledger, "a", f"r{i}", digits[0][:n])
+    ledger.close()
+    return path
+
+
+def test_a_torn_last_line_at_every_byte_is_cut_and_loses_only_the_unanswered_request(tmp_path, operator, digits):
+    """A crash mid-append leaves part of a line with no newline, past the high-water mark: cut off,
+    and the client's retry is answered and charged once."""
+    path = paid_journal(tmp_path, operator, digits, requests=(3,))
+    sealed, mark = open(path, "rb").read(), open(path + ".mark", "rb").read()
+    ledger = Ledger(path, operator, SERVICE)
     ask(ledger, "a", "r1", digits[0][:4])
     ledger.close()
-    data = open(path, "rb").read()
-    last_start = data.rindex(b"\n", 0, len(data) - 1) + 1
-    for cut in range(last_start, len(data) + 1):
-        with open(path, "wb") as f:
-            f.write(data[:cut])
+    full = open(path, "rb").read()
+    last = full[len(sealed):]
+    for cut in range(1, len(last)):
+        open(path, "wb").write(sealed + last[:cut])
+        open(path + ".mark", "wb").write(mark)
         ledger = Ledger(path, operator, SERVICE)
-        whole = cut == len(data)
-        assert ledger.usage("a")["used"] == (7 if whole else 3), cut
-        assert os.path.getsize(path) == (len(data) if whole else last_start), cut  # the torn tail is cut off
-        ask(ledger, "a", "r1", digits[0][:4])  # the client's retry: charged once in every case
+        assert ledger.usage("a")["used"] == 3, cut
+        assert open(path, "rb").read() == sealed, cut  # the torn tail is cut off
+        ask(ledger, "a", "r1", digits[0][:4])  # the client's retry: charged once
         assert ledger.usage("a")["used"] == 7
         ledger.close()
         assert sum(r["n"] for r in read_journal(path) if r["type"] == "answer") == 7
+
+
+def test_a_crash_between_a_records_fsync_and_its_mark_keeps_the_record(tmp_path, operator, digits):
+    path = paid_journal(tmp_path, operator, digits, requests=(3,))
+    old_mark = open(path + ".mark", "rb").read()
+    ledger = Ledger(path, operator, SERVICE)
+    ask(ledger, "a", "r1", digits[0][:4])
+    ledger.close()
+    open(path + ".mark", "wb").write(old_mark)  # the mark one record behind
+    ledger = Ledger(path, operator, SERVICE)
+    assert ledger.usage("a")["used"] == 7 and open(path + ".mark", "rb").read() != old_mark  # sealed again
+    ledger.close()
+
+
+def refused_line(path, operator, match):
+    with pytest.raises(JournalCorrupt, match=match) as e:
+        Ledger(path, operator, SERVICE)
+    assert len(str(e.value).splitlines()) == 1 and path in str(e.value)
+    with pytest.raises(JournalCorrupt):
+        read_journal(path)
+
+
+def test_a_journal_truncated_at_any_line_boundary_is_refused(tmp_path, operator, digits):
+    path = paid_journal(tmp_path, operator, digits)
+    data = open(path, "rb").read()
+    ends = [i + 1 for i, b in enumerate(data) if b == ord("\n")][:-1]
+    assert len(ends) == 3  # service, key, r0 (r1 is the last line)
+    for end in [0, *ends]:
+        open(path, "wb").write(data[:end])
+        refused_line(path, operator, "high-water mark sealed record 3")
+    os.remove(path)
+    refused_line(path, operator, "high-water mark sealed record 3")
+
+
+def test_a_journal_truncated_inside_a_sealed_record_is_refused(tmp_path, operator, digits):
+    path = paid_journal(tmp_path, operator, digits)
+    data = open(path, "rb").read()
+    for cut in range(1, len(data), 7):
+        open(path, "wb").write(data[:cut])
+        refused_line(path, operator, "high-water mark sealed")
+
+
+def test_every_bit_flip_in_the_last_complete_record_is_refused(tmp_path, operator, digits):
+    path = paid_journal(tmp_path, operator, digits)
+    data = open(path, "rb").read()
+    start = data.rindex(b"\n", 0, len(data) - 1) + 1
+    for byte in range(start, len(data)):
+        for bit in range(8):
+            flipped = bytearray(data)
+            flipped[byte] ^= 1 << bit
+            open(path, "wb").write(bytes(flipped))
+            with pytest.raises(JournalCorrupt):
+                Ledger(path, operator, SERVICE)
+    open(path, "wb").write(data)
+    assert Ledger(path, operator, SERVICE).usage("a")["used"] == 7
+
+
+def test_a_missing_or_damaged_mark_and_moved_records_are_refused(tmp_path, operator, digits):
+    path = paid_journal(tmp_path, operator, digits)
+    data, mark = open(path, "rb").read(), open(path + ".mark", "rb").read()
+    lines = data.split(b"\n")
+    open(path, "wb").write(b"\n".join([lines[0], lines[1], lines[3], lines[2], lines[4]]))  # two records swapped
+    refused_line(path, operator, "line 3: out of sequence")
+    open(path, "wb").write(b"\n".join([lines[0], lines[1], lines[3], lines[4]]))  # one record taken out
+    refused_line(path, operator, "line 3: out of sequence")
+    open(path, "wb").write(data)
+    open(path + ".mark", "wb").write(mark[:-3] + b"\n")
+    refused_line(path, operator, "high-water mark .* is damaged")
+    os.remove(path + ".mark")
+    refused_line(path, operator, "records past its high-water mark")
+    open(path + ".mark", "wb").write(mark)
+    assert Ledger(path, operator, SERVICE).usage("a")["used"] == 7
+
+
+def test_a_journal_of_the_old_format_is_refused_in_one_line(tmp_path, operator):
+    import json
+    import zlib
+
+    path = str(tmp_path / "j.jsonl")
+    body = json.dumps({"type": "service", **SERVICE, "time": 0.0}, sort_keys=True, separators=(",", ":"))
+    open(path, "wb").write(f"{zlib.crc32(body.encode()):08x} {body}\n".encode())  # format 1: no seq, no mark
+    refused_line(path, operator, "is in format 1, this drmi-ray reads format 2 only")
 
 
 def test_a_damaged_record_before_the_end_refuses_to_start_naming_file_and_line(tmp_path, operator, digits):

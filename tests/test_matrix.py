@@ -72,6 +72,22 @@ def test_resume_recomputes_only_missing_tiles(ray_local, digits, tmp_path):
     assert compute_mi_matrix(images, url, tile_size=32, progress=False).computed == []
 
 
+def test_stray_files_in_tiles_are_ignored_not_fatal(ray_local, digits, tmp_path):
+    images, url = digits[0][:40], str(tmp_path / "s")
+    compute_mi_matrix(images, url, tile_size=32, progress=False)
+    tiles = os.path.join(url, "tiles")
+    os.remove(os.path.join(tiles, "tile-00000-00001.parquet"))
+    # a copy a user made, junk named like a tile, a tile name in another spelling
+    for stray in ("tile-00000-00000-copy.parquet", "tile-abc-def.parquet", "tile-0-1.parquet"):
+        with open(os.path.join(tiles, stray), "wb") as f:
+            f.write(b"not a tile")
+    assert TileStore(url).missing_tiles() == [(0, 1)]
+    store = compute_mi_matrix(images, url, tile_size=32, progress=False)
+    assert store.computed == [(0, 1)]
+    assert np.array_equal(store.to_dense(), pairwise_mi(images))
+    assert compute_mi_matrix(images, url, tile_size=32, progress=False).computed == []
+
+
 @pytest.mark.heavy
 def test_interrupted_job_resumes(ray_local, digits, tmp_path):
     """Ctrl-C a real job mid-way (its own process and Ray), then finish it here (20 s idle, 2 min loaded)."""

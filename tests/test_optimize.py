@@ -188,10 +188,10 @@ def coverage_value(sim, chosen, redundancy=0.0):
     return sim[:, chosen].max(axis=1).sum() - redundancy * opt.objective(sim, chosen)
 
 
-def plain_greedy(sim, k, redundancy=0.0):
-    """The textbook greedy, one full evaluation of every candidate per pick."""
-    chosen = []
-    for _ in range(k):
+def plain_greedy(sim, k, redundancy=0.0, first=None):
+    """The textbook greedy, one full evaluation of every candidate per pick (``first``: given)."""
+    chosen = [] if first is None else [first]
+    while len(chosen) < k:
         gains = [coverage_value(sim, chosen + [j], redundancy) if j not in chosen else -np.inf
                  for j in range(len(sim))]
         chosen.append(int(np.argmax(gains)))
@@ -212,6 +212,17 @@ def test_coverage_lazy_greedy_picks_what_the_plain_greedy_picks(digits, redundan
     assert sel.order.tolist() == plain_greedy(sim, 12, redundancy)
     np.testing.assert_array_equal(sel.indices, np.sort(sel.order))
     assert sel.objective == pytest.approx(coverage_value(sim, sel.order, redundancy), rel=1e-12)
+
+
+def test_seeded_coverage_starts_at_the_seeds_random_image_then_picks_greedily(digits):
+    sim = digit_nmi(digits, 60)
+    orders = []
+    for seed in (0, 1, 2):
+        first = int(np.random.default_rng(seed).integers(60))
+        sel = opt.select_coverage(sim, 12, redundancy=0.1, seed=seed)
+        assert sel.order.tolist() == plain_greedy(sim, 12, 0.1, first=first)
+        orders.append(tuple(sel.order))
+    assert len(set(orders)) == 3  # seeds give different selections
 
 
 def test_coverage_greedy_is_within_its_guarantee_of_the_exact_optimum(digits):

@@ -134,3 +134,36 @@ def test_drmi_reduce_on_a_folder_selects_what_select_picks_on_its_decoded_images
     assert result["indices"] == expected.indices.tolist()
     assert abs(result["objective"] - expected.objective) < 1e-9
     assert main(["reduce", "--data", str(tmp_path / "pool"), "--budget", "41", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_pool_mode_substitutes_never_read_the_pools_labels(tmp_path, ray_local, serve_port, monkeypatch):
+    """The whole run learning from the pool (answers spread over the MI graph), twice: once on the
+    bundled digits, once with the pool's own labels scrambled. The threat model gives the attacker
+    no pool labels, so every figure and every substitute's weights must be identical."""
+    import torch
+
+    from drmi_ray import data
+    from drmi_ray.models import TrainConfig
+
+    config = ExperimentConfig(pool=PoolConfig(target_train=1000, pool=200, test=200),
+                              selection=SelectionConfig(methods=("random", "drmi-cover"), budgets=(20,)))
+    config.target.train = TrainConfig(model="lenet5", epochs=3)
+    config.target.port = serve_port
+    config.substitute = TrainConfig(model="lenet5", epochs=1, min_steps=40, augment="auto")
+    config.learn = "pool"
+    images, labels = data.bundled_mnist()
+    pool_rows = data.split_indices(len(images), target_train=1000, pool=200, test=200, seed=0).pool
+    scrambled = labels.copy()
+    scrambled[pool_rows] = np.random.default_rng(1).permutation(labels[pool_rows]) + 100  # not even digits
+    runs = {}
+    for name, pool_labels in (("real", labels), ("scrambled", scrambled)):
+        monkeypatch.setattr(data, "bundled_mnist", lambda pool_labels=pool_labels: (images, pool_labels))
+        assert (data.load_pool("bundled-mnist").labels[pool_rows] == pool_labels[pool_rows]).all()  # the scramble took
+        runs[name] = run_experiment(config, str(tmp_path / name))
+    assert runs["real"] == runs["scrambled"]
+    assert [r["learn"] for r in runs["real"]] == ["pool", "pool"]
+    for i in range(2):
+        (real,) = (tmp_path / "real" / "train").glob(f"*/checkpoint_final/model-{i}.pt")
+        (other,) = (tmp_path / "scrambled" / "train").glob(f"*/checkpoint_final/model-{i}.pt")
+        a, b = (torch.load(p, weights_only=True) for p in (real, other))
+        assert all(torch.equal(a[k], b[k]) for k in a)

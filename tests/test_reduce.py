@@ -294,3 +294,106 @@ def test_cifar10_without_data_exits_2_naming_download(ray_local, tmp_path, capsy
     assert drmi_reduce("--data", f"cifar10:{tmp_path / 'nothing'}", "--budget", 8, "--out", tmp_path / "r") == 2
     err = capsys.readouterr().err
     assert "--download" in err or "download=True" in err
+
+
+# ----------------------------------------------------------------------------- junk among real images
+
+def png(array, **kwargs) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def junk_folder(tmp_path_factory, digits):
+    """40 real digits as 8-bit PNGs, two more saved as 16-bit PNG and float TIFF in 0..1 (good,
+    when scaled right), and every degenerate kind: 1x1, blank 49 Mpx, nearly constant.
+    Returns (root, {file: digit it holds}, {junk file: words of its reason})."""
+    from PIL import Image
+
+    images, _ = digits
+    root = tmp_path_factory.mktemp("junk")
+    good = {}
+    for i in range(40):
+        (root / f"digit{i:02d}.png").write_bytes(png(images[i * 100]))
+        good[f"digit{i:02d}.png"] = images[i * 100]
+    (root / "digit16.png").write_bytes(png(images[4001].astype(np.uint16) * 257))  # a 16-bit PNG
+    Image.fromarray(images[4002].astype(np.float32) / 255).save(root / "digitf.tif")  # float, 0..1
+    good.update({"digit16.png": images[4001], "digitf.tif": images[4002]})
+    near = np.full((28, 28), 128, np.uint8)
+    near[::2] += 1
+    near[0, :3] = 0
+    (root / "tiny.png").write_bytes(png(np.full((1, 1), 255, np.uint8)))
+    (root / "blank.png").write_bytes(png(np.zeros((7000, 7000), np.uint8), compress_level=1))
+    (root / "near.png").write_bytes(png(near))
+    junk = {"tiny.png": "1x1 pixels, below the 8x8 floor", "blank.png": "blank (every pixel is 0)",
+            "near.png": "nearly constant"}
+    return root, good, junk
+
+
+def test_junk_images_are_skipped_with_their_reason_and_the_rest_decode_exactly(ray_local, junk_folder, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from drmi_ray.data import load_pool
+    from drmi_ray.ingest import read_pool
+
+    root, good, junk = junk_folder
+    shard = tmp_path / "pool.parquet"  # the same files as Parquet rows
+    names = sorted(os.listdir(root))
+    pq.write_table(pa.table({"image": [(root / n).read_bytes() for n in names], "path": names}), shard)
+    # drmi run's door (load_pool: junk is skipped, not an error) and drmi reduce's (read_pool)
+    for pool in (load_pool(str(root)), read_pool(str(shard))):
+        decoded = {os.path.basename(p): image for p, image in zip(pool.paths, pool.images)}
+        assert sorted(decoded) == sorted(good)
+        for name, digit in good.items():
+            assert np.array_equal(decoded[name], digit), name
+        skipped = {os.path.basename(s["path"]): s["reason"] for s in pool.skipped}
+        assert sorted(skipped) == sorted(junk)
+        for name, words in junk.items():
+            assert skipped[name].startswith("degenerate image: ") and words in skipped[name], skipped[name]
+
+
+def test_reduce_selects_no_junk(ray_local, junk_folder, tmp_path):
+    from drmi_ray.config import ReduceConfig
+
+    root, good, junk = junk_folder
+    result = reduce.run_reduce(ReduceConfig(data=str(root), budget=8, size=28, partition="none"), str(tmp_path / "run"))
+    selected = [os.path.basename(p) for p in result["selected"]]
+    assert len(selected) == 8 and set(selected) <= set(good), selected
+    assert {os.path.basename(s["path"]) for s in result["skipped"]} == set(junk)
+
+
+def test_pool_graph_joins_each_partitions_graph_from_its_own_tile_store(ray_local, digits, tmp_path):
+    """--learn pool in drmi reduce: the whole pool's graph is block-diagonal, each partition's
+    block the kNN graph of its own tile store (images of two partitions are never linked)."""
+    from drmi_ray.data import Pool
+    from drmi_ray.matrix import compute_mi_matrix
+    from drmi_ray.mi import pairwise_mi
+    from drmi_ray.reduce import Partition, pool_graph
+    from drmi_ray.spread import knn_graph
+
+    images = digits[0][::97][:40]
+    members = [np.arange(0, 40, 2), np.arange(1, 40, 2), np.array([], dtype=np.int64)]
+    parts = []
+    for key, m in enumerate(members):
+        store = str(tmp_path / f"mi{key}") if len(m) else None
+        if store:
+            compute_mi_matrix(images[m], store, tile_size=8)
+        parts.append(Partition(key=key, name=f"p{key}", members=m, store=store))
+    graph = pool_graph(Pool(images, None, [str(i) for i in range(40)]), parts).toarray()
+    for a in members[:2]:
+        np.testing.assert_allclose(graph[np.ix_(a, a)], knn_graph(pairwise_mi(images[a])).toarray(), atol=1e-12)
+    assert not graph[np.ix_(members[0], members[1])].any()
+
+
+def test_target_stage_learns_from_the_pool_when_it_is_decoded_at_the_targets_size(
+        ray_local, image_folder, lenet5_checkpoint, tmp_path, serve_port):
+    out = tmp_path / "run"
+    argv = attack_argv(image_folder, out, lenet5_checkpoint[0], "lenet5", serve_port)
+    argv[argv.index("--size") + 1] = "28"  # the session's target takes 28 x 28 digits
+    assert main(argv) == 0
+    (row,) = read_json(out / "results.json")
+    assert row["learn"] == "pool" and row["queries"] == 20

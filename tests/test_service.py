@@ -1,10 +1,16 @@
 """The target as an HTTP service (Ray Serve on 127.0.0.1): exact budgets under 100 concurrent
-clients, replicas and the ledger killed mid-batch, what an attacker's key can reach, bad
-requests, the rate limit, and the client against a second, minimal OIP server."""
+clients, replicas and the ledger killed mid-batch, what an attacker's key can reach, bad and
+oversized requests (always a JSON error), request ids, the rate limit, its own port per Ray, and
+the client against a second, minimal OIP server. tests/test_tritonclient.py drives the service
+with a client nobody here wrote."""
 
+import gzip
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -22,13 +28,17 @@ from drmi_ray.service import start_target, stop_target
 from drmi_ray.target import load_classifier, save_classifier
 
 
+MAX_BATCH, MAX_BODY = 200, 1 << 20  # the served target's limits (a 100-image JSON body is about 0.3 MB)
+
+
 @pytest.fixture(scope="module")
 def served(lenet5_checkpoint, serve_port, tmp_path_factory):
     """The session's trained LeNet-5 target (conftest), served with its journal in a temp folder."""
     start_local_ray()
     folder = tmp_path_factory.mktemp("served")
     checkpoint = lenet5_checkpoint[0]
-    service = start_target(checkpoint, str(folder / "journal.jsonl"), port=serve_port, app="served")
+    service = start_target(checkpoint, str(folder / "journal.jsonl"), port=serve_port, app="served",
+                           max_batch=MAX_BATCH, max_body_bytes=MAX_BODY)
     yield service, checkpoint, str(folder / "journal.jsonl")
     stop_target(service)
 
@@ -130,37 +140,126 @@ def test_an_attackers_key_reaches_no_weights_journal_or_prada_state(served):
     assert raw(base + "/v2/operator/keys/nosy/prada", service.operator_key)[0] == 200  # the operator can
 
 
+def infer(service, body, headers=None, key=None):
+    return raw(service.url + "/v2/models/target/infer", key, method="POST", body=body, headers=headers)
+
+
 @pytest.mark.parametrize("mangle, status, match", [
     (lambda b, h: b["inputs"][0].update(shape=[0, 28, 28], data=[]), 400, "empty batch"),
     (lambda b, h: b["inputs"][0].update(shape=[2, 27, 28]), 400, "takes \\[n, 28, 28\\]"),
+    (lambda b, h: b["inputs"][0].update(shape=[True, 28, 28], data=[1] * 784), 400, "shape"),
+    (lambda b, h: b["inputs"][0].update(shape=[2.0, 28, 28]), 400, "shape"),
+    (lambda b, h: b["inputs"][0].update(shape="2,28,28"), 400, "shape"),
     (lambda b, h: b["inputs"][0].update(datatype="FP32"), 400, "UINT8"),
     (lambda b, h: b["inputs"][0].update(data=[300] * 2 * 784), 400, "0..255"),
     (lambda b, h: b["inputs"][0].update(data=[1.5] * 2 * 784), 400, "whole numbers|0..255"),
+    (lambda b, h: b["inputs"][0].update(data=[True] * 2 * 784), 400, "whole numbers"),
     (lambda b, h: b["inputs"][0].update(data=[1] * 100), 400, "100 values"),
+    (lambda b, h: b["inputs"][0].update(name="pixels"), 400, "input is 'images'"),
+    (lambda b, h: b["inputs"][0].update(parameters={"shared_memory_region": "x"}), 400, "parameters"),
     (lambda b, h: b.update(inputs=[]), 400, "one tensor"),
-    (lambda b, h: (h.pop("Idempotency-Key"), b.pop("id")), 400, "Idempotency-Key"),
+    (lambda b, h: b.update(outputs=[{"name": "logits"}]), 400, "answers 'label' only"),
+    (lambda b, h: b.update(outputs=[{"name": "label", "parameters": {"classification": 3}}]), 400, "parameters"),
+    (lambda b, h: (h.pop("Idempotency-Key"), b.update(id=5)), 400, "string request id, got 5"),
+    (lambda b, h: (h.pop("Idempotency-Key"), b.update(id=True)), 400, "string request id, got true"),
+    (lambda b, h: b.update(id=["bad-0"]), 400, "string request id"),
+    (lambda b, h: b.update(id="other"), 400, "Idempotency-Key header 'bad-0' and the body's id 'other' differ"),
+    (lambda b, h: h.update({"Idempotency-Key": "a b"}), 400, "request id"),
+    (lambda b, h: h.update({"Inference-Header-Content-Length": "99999999"}), 400, "Inference-Header-Content-Length"),
+    (lambda b, h: h.update({"Content-Encoding": "br"}), 400, "Content-Encoding"),
+    (lambda b, h: h.update({"Content-Encoding": "gzip"}), 400, "not valid gzip"),
+    (lambda b, h: b["inputs"][0].update(shape=[MAX_BATCH + 1, 28, 28]), 413, "at most 200 per request"),
     (lambda b, h: h.update(Authorization="Bearer nope"), 401, "API key"),
 ])
-def test_bad_requests_are_refused_in_one_line_and_charge_nothing(served, digits, mangle, status, match):
+def test_bad_requests_are_refused_in_one_json_line_and_charge_nothing(served, digits, mangle, status, match):
     service, _, _ = served
     name = f"bad-{status}-{abs(hash(match)) % 10 ** 6}"
     key = service.create_key(name, budget=10)
     body, headers = infer_body(digits[0][:2], "bad-0"), {"Idempotency-Key": "bad-0", "Authorization": f"Bearer {key}"}
     mangle(body, headers)
-    got, reply, _ = raw(service.url + "/v2/models/target/infer", method="POST", body=body, headers=headers)
+    got, reply, _ = infer(service, body, headers)
     assert got == status and len(reply["error"].splitlines()) == 1
-    assert __import__("re").search(match, reply["error"]), reply
-    assert service.usage(name)["used"] == 0
+    assert re.search(match, reply["error"]), reply
+    assert service.usage(name)["used"] == service.usage(name)["reserved"] == 0
+
+
+@pytest.mark.parametrize("body, match", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deep"),  # RecursionError in json.loads: was a text 500
+    (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deep"),
+    (b"\xff\xfe not json", "not JSON"),
+    (b"[1, 2]", "JSON object"),
+    (b"", "not JSON"),
+], ids=["deep-array", "deep-inputs", "not-utf8", "array", "empty"])
+def test_malformed_bodies_are_a_json_400(served, body, match):
+    service, _, _ = served
+    key = service.create_key("malformed", budget=10)
+    got, reply, headers = infer(service, body, key=key)
+    assert got == 400 and re.search(match, reply["error"]) and len(reply["error"].splitlines()) == 1
+    assert headers["Content-Type"] == "application/json"
+    assert service.usage("malformed")["used"] == 0
+
+
+def test_oversized_bodies_and_batches_are_refused_before_the_model_runs(served, digits):
+    service, _, journal = served
+    key = service.create_key("big-bodies", budget=10 ** 6)
+    status, reply, _ = infer(service, b" " * (MAX_BODY + 1), key=key)
+    assert status == 413 and "larger than 1048576 bytes" in reply["error"]
+    bomb = gzip.compress(b" " * (2 * MAX_BODY))  # 2 MB of blanks in about 2 kB
+    status, reply, _ = infer(service, bomb, {"Content-Encoding": "gzip"}, key)
+    assert status == 413 and "once decompressed" in reply["error"] and len(bomb) < 10_000
+    images = np.repeat(digits[0][:1], MAX_BATCH + 1, axis=0)
+    status, reply, _ = infer(service, infer_body(images, "too-many"), key=key)  # under the body cap as JSON
+    assert status == 413 and "at most 200 per request" in reply["error"]
+    assert service.usage("big-bodies")["used"] == 0 and paid(journal, "big-bodies") == []
+
+
+def test_a_batch_over_the_keys_burst_is_refused_413_before_the_model_runs(served, digits):
+    service, _, journal = served
+    key = service.create_key("bursty", budget=1000, rate_limit=10.0, burst=10.0)
+    status, reply, headers = infer(service, infer_body(digits[0][:50], "burst-0"), key=key)
+    assert status == 413 and "burst of 10" in reply["error"] and "Retry-After" not in headers
+    assert infer(service, infer_body(digits[0][:10], "burst-1"), key=key)[0] == 200  # the burst itself passes
+    assert service.usage("bursty")["used"] == 10 and [r["n"] for r in paid(journal, "bursty")] == [10]
+
+
+
+def test_a_client_with_max_batch_splits_a_batch_over_the_burst_into_requests_it_accepts(served, digits):
+    """``drmi run --rate-limit`` gives each cell's client ``max_batch`` = the key's burst."""
+    from drmi_ray.client import TargetClient
+
+    service, _, journal = served
+    key = service.create_key("split", budget=1000, rate_limit=1000.0, burst=8.0)
+    labels = TargetClient(service.url, key, prefix="split", max_batch=8).query(digits[0][:20])
+    assert labels.shape == (20,) and [r["n"] for r in paid(journal, "split")] == [8, 8, 4]
+
+
+def test_request_ids_header_body_and_none(served, digits):
+    """A retried id is free (header or body); a request without any id gets a server-made one:
+    answered and charged once per request (a resend is a new request)."""
+    service, _, journal = served
+    key = service.create_key("ids", budget=20)
+    images = digits[0][100:104]
+    status, first, _ = infer(service, infer_body(images, "ids-0"), key=key)
+    assert status == 200 and first["id"] == "ids-0"
+    body = infer_body(images)
+    del body["id"]
+    assert infer(service, body, {"Idempotency-Key": "ids-0"}, key)[1]["outputs"] == first["outputs"]  # free
+    assert service.usage("ids")["used"] == 4
+    status, reply, _ = infer(service, body, key=key)  # no id at all
+    assert status == 200 and reply["id"].startswith("srv-") and reply["outputs"] == first["outputs"]
+    assert service.usage("ids")["used"] == 8
+    assert infer(service, {**body, "id": ""}, key=key)[1]["id"] != reply["id"]  # an empty id is no id
+    assert service.usage("ids")["used"] == 12 == sum(r["n"] for r in paid(journal, "ids"))
 
 
 def test_rate_limit_answers_429_with_retry_after_and_the_client_waits(served, digits):
     service, _, _ = served
-    key = service.create_key("paced", budget=1000, rate_limit=200.0, burst=1.0)
+    key = service.create_key("paced", budget=1000, rate_limit=200.0, burst=100.0)
     client = TargetClient(service.url, key, prefix="paced")
     start = time.monotonic()
-    client.query(digits[0][:100])  # 99 images into debt: about 0.5 s to pay
+    client.query(digits[0][:100])  # the whole burst: 100 more tokens take 0.5 s
     status, reply, headers = raw(service.url + "/v2/models/target/infer", key, method="POST",
-                                 body=infer_body(digits[0][:1], "paced-x"), headers={"Idempotency-Key": "paced-x"})
+                                 body=infer_body(digits[0][:100], "paced-x"), headers={"Idempotency-Key": "paced-x"})
     assert status == 429 and int(headers["Retry-After"]) >= 1 and "rate limit" in reply["error"]
     client.query(digits[0][:100])  # waits Retry-After, then answered
     assert time.monotonic() - start >= 0.45
@@ -242,6 +341,49 @@ def test_a_restarted_service_on_the_same_journal_keeps_budgets_and_answers(serve
     assert again.usage("kept")["used"] == 8
     with pytest.raises(QueryBudgetExceeded):
         TargetClient(again.url, key, prefix="more").query(digits[0][:3])
+
+
+TWO_RUNS = """
+import sys, ray
+from drmi_ray.service import start_target, stop_target
+checkpoint, journal, taken = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+try:
+    start_target(checkpoint, journal, port=taken)
+except ValueError as e:
+    print("REFUSED", e, flush=True)
+service = start_target(checkpoint, journal)
+print("URL", service.url, flush=True)
+print("READY", flush=True)
+sys.stdin.read()  # until the test is done with it
+stop_target(service)
+"""
+
+
+def test_a_second_run_with_its_own_ray_gets_its_own_port_and_a_taken_port_is_refused(served, lenet5_checkpoint,
+                                                                                       serve_port, tmp_path):
+    """The issue 23 collision: a second process starts its own Ray and Serve while this session's
+    Serve holds ``serve_port``. Asked for that port it is refused in one line; left to itself it
+    gets another port, and each proxy answers its own application only."""
+    service, _, _ = served
+    child = subprocess.Popen([sys.executable, "-c", TWO_RUNS, lenet5_checkpoint[0], str(tmp_path / "j.jsonl"),
+                              str(serve_port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        lines = []
+        while (line := child.stdout.readline()) and line.strip() != "READY":  # its lines, up to READY or EOF
+            lines.append(line.strip())
+        assert lines[0].startswith("REFUSED port"), lines
+        assert f"port {serve_port} on 127.0.0.1 is taken" in lines[0] and "--serve-port" in lines[0]
+        assert lines[1].startswith("URL http://127.0.0.1:"), lines
+        url = lines[1].split()[1]
+        port = int(url.split(":")[2].split("/")[0])
+        assert port != serve_port
+        assert raw(url + "/v2/health/ready")[0] == 200
+        assert raw(f"http://127.0.0.1:{port}/{service.app}/v2/health/ready")[0] == 404  # not our app there
+        assert raw(service.url + "/v2/health/ready")[0] == 200  # ours still answers on ours
+    finally:
+        child.communicate("", timeout=120)
 
 
 # --------------------------------------------------------------------------- another OIP server

@@ -68,12 +68,18 @@ def test_one_train_run_fits_every_substitute_on_real_workers(ray_local, world, t
 
 
 def test_jobs_are_dealt_in_shares_of_equal_work():
-    jobs = [(np.zeros((n, 28, 28), np.uint8), None, TrainConfig(epochs=1, min_steps=0, batch_size=10))
+    jobs = [(np.zeros((n, 28, 28), np.uint8), None, TrainConfig(epochs=1, min_steps=0, batch_size=10), None)
             for n in (100, 10, 40, 60, 50)]  # work = images per step x steps = n
     shares = _shares(jobs, 2)
     assert sorted(i for s in shares for i in s) == [0, 1, 2, 3, 4]
     assert shares == [[0, 2], [1, 3, 4]]  # 140 and 120 units of work
     assert _shares(jobs, 5) == [[0], [3], [4], [2], [1]]
+    # a pool-mode job also trains on a pool batch every step: 10 answered images with a pool cost
+    # 1 step x (10 + 10) = 20, more than 15 without one
+    pool = (np.zeros((30, 28, 28), np.uint8), np.zeros((30, 10), np.float32))
+    jobs = [(np.zeros((n, 28, 28), np.uint8), None, TrainConfig(epochs=1, min_steps=0, batch_size=n), p)
+            for n, p in ((10, None), (10, pool), (15, None))]
+    assert _shares(jobs, 2) == [[1], [0, 2]]
 
 
 def test_local_mode_fit_is_the_plain_loop(ray_local, world):

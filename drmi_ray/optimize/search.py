@@ -329,8 +329,9 @@ def select(mi, k, *, seed=0, iterations: int = 200, time_limit: float | None = N
 
 
 @njit(cache=True, nogil=True)
-def _coverage_greedy(sim, k, redundancy):
-    """Lazy greedy for F(S) = Σ_x max_{s∈S} sim[x, s] − redundancy · Σ_{i<j∈S} sim[i, j].
+def _coverage_greedy(sim, k, redundancy, first):
+    """Lazy greedy for F(S) = Σ_x max_{s∈S} sim[x, s] − redundancy · Σ_{i<j∈S} sim[i, j],
+    starting from pick ``first`` (-1: the greedy first pick too).
 
     With sim >= 0 both terms only lose marginal gain as S grows (submodular), so a candidate's
     last computed gain bounds its gain now: only candidates whose bound leads are recomputed.
@@ -342,7 +343,7 @@ def _coverage_greedy(sim, k, redundancy):
     computed_at = np.full(n, -1)
     order = np.empty(k, np.int64)
     for t in range(k):
-        while True:
+        while not (t == 0 and first >= 0):
             j = np.argmax(bound)
             if computed_at[j] == t:
                 break
@@ -353,6 +354,8 @@ def _coverage_greedy(sim, k, redundancy):
                     gain += row[x] - cover[x]
             bound[j] = gain - redundancy * overlap[j]
             computed_at[j] = t
+        if t == 0 and first >= 0:
+            j = first
         order[t] = j
         bound[j] = -np.inf
         row = sim[j]
@@ -362,7 +365,7 @@ def _coverage_greedy(sim, k, redundancy):
     return order
 
 
-def select_coverage(sim, k, *, redundancy: float = 0.0) -> Selection:
+def select_coverage(sim, k, *, redundancy: float = 0.0, seed: int | None = None) -> Selection:
     """Choose ``k`` images that cover the pool: greedy facility location on a similarity matrix.
 
     Maximises ``F(S) = Σ_{x in pool} max_{s∈S} sim[x, s] − redundancy · Σ_{i<j∈S} sim[i, j]``
@@ -373,14 +376,17 @@ def select_coverage(sim, k, *, redundancy: float = 0.0) -> Selection:
       sim: ``(n, n)`` symmetric similarity, entries in ``[0, 1]`` (e.g. ``normalized_mi``).
       k: subset size, ``2 <= k <= n``.
       redundancy: weight of the pairwise term, ``>= 0``.
-    Returns ``Selection`` with ``indices`` sorted, ``order`` the greedy pick order and
-    ``objective`` = ``F(S)``. Deterministic. Cost: O(N²) for the first pick, then O(N) per
+      seed: None: every pick greedy (deterministic); an int: the first pick is
+        ``default_rng(seed).integers(n)``, the rest greedy (so seeds give different selections).
+    Returns ``Selection`` with ``indices`` sorted, ``order`` the pick order and
+    ``objective`` = ``F(S)``. Cost: O(N²) for the first pick, then O(N) per
     re-evaluated candidate (lazy greedy; typically a few per pick).
     """
     sim = check_mi(sim, k, name="sim")
     if sim.min() < 0 or not redundancy >= 0:
         raise ValueError(f"sim must be >= 0 (min {sim.min():.3g}) and redundancy >= 0 (got {redundancy!r}); "
                          "use a similarity such as normalized_mi(mi, 'sqrt')")
-    order = _coverage_greedy(sim, int(k), float(redundancy))
+    first = -1 if seed is None else int(np.random.default_rng(seed).integers(len(sim)))
+    order = _coverage_greedy(sim, int(k), float(redundancy), first)
     value = float(sim[:, order].max(axis=1).sum()) - redundancy * objective(sim, order)
     return Selection(np.sort(order), value, order=order)
