@@ -194,11 +194,11 @@ def substitute_job(images, labels, indices, train: TrainConfig, *, pool_images=N
     """
     from drmi_ray.spread import pool_targets, use_pool
 
+    mine = np.asarray(indices) >= 0
     if learn == "auto":
-        learn = "pool" if pool_images is not None and use_pool(len(labels), len(pool_images)) else "answers"
+        learn = "pool" if pool_images is not None and use_pool(int(mine.sum()), len(pool_images)) else "answers"
     if learn == "answers" or graph is None:
         return (images, labels, train), {"learn": "answers"}
-    mine = np.asarray(indices) >= 0
     rows, mass, info = pool_targets(graph, np.asarray(indices)[mine], np.asarray(labels)[mine], train.num_classes)
     if not len(rows):  # nothing reached (e.g. an all-blank pool): the answers alone
         log.info("  pool learning: no pool image is linked to an answered one; fitting on the answers alone")

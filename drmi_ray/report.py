@@ -134,7 +134,7 @@ def plot(rows: list[dict]) -> bytes:
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
         ax.grid(alpha=0.3)
     seeds = min(s["seeds"] for s in summary)
-    fig.suptitle(f"mean and 95% CI over seeds" if seeds >= MIN_SEEDS_FOR_CI else
+    fig.suptitle("mean and 95% CI over seeds" if seeds >= MIN_SEEDS_FOR_CI else
                  f"mean (line) and each seed (points): fewer than {MIN_SEEDS_FOR_CI} seeds, no interval")
     axes[0].legend(fontsize=8, ncol=2)
     fig.tight_layout()

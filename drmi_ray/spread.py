@@ -18,7 +18,7 @@ pool's own labels are never read: the only labels here are the target's answers.
 - ``pool_targets(...)``: what a substitute learns from the pool in pool mode: every reached
   unanswered image with its spread distribution times ``pool_weight`` (target "mass" rows;
   ``models.fit_model`` adds a batch of them to every step on the answers).
-- ``use_pool(answers, num_classes)``: ``learn="auto"``'s rule (``LEARN``).
+- ``use_pool(answered_in_pool, pool_size)``: ``learn="auto"``'s rule.
 """
 
 from __future__ import annotations
@@ -34,19 +34,19 @@ POOL_WEIGHT = 0.5  # a spread label's weight against an answer's 1
 LEARN_MODES = ("answers", "pool", "auto")
 
 
-def use_pool(answered: int, pool_size: int) -> bool:
+def use_pool(answered_in_pool: int, pool_size: int) -> bool:
     """``learn="auto"``'s rule: learn from the pool whenever it holds images the answers do not.
 
     Measured (tuning: bundled protocol, split seed 0, C3F2 target, LeNet-5 substitutes with
     augmentation, drmi-cover picks, seeds 0-1, accuracy on the test split): fitting on the whole
-    pool with the spread labels in place of the answers gained 1.6 points at 50 answers but lost
-    3.1 / 0.3 / 1.1 at 100 / 200 / 600 (the spread labels' noise outweighed the answers they
-    diluted), whatever their weight (0.1-1); keeping every step on the answers and adding a batch
-    of spread pool images at weight 0.5 (``models.fit_model``'s ``pool``) gained 4.7 / 0.2 / 1.9 /
-    0.5 over the answers alone at 50 / 100 / 200 / 600. With no regime where it lost, the rule
-    only needs the pool to have something to add.
+    pool with the spread labels in place of the answers gained 1.3-2.2 points at 50 answers but
+    lost 3.1-3.8 at 100 and 1.1-1.7 at 600 whatever their weight (0.1-1): the spread labels' noise
+    outweighed the answers they diluted. Keeping every step on the answers and adding a batch of
+    spread pool images at weight 0.5 (``models.fit_model``'s ``pool``) gained 4.7 / 0.2 / 1.9 over
+    the answers alone at 50 / 100 / 200 and was level at 600 (-0.1). With no budget where it
+    lost, the rule does not depend on the budget.
     """
-    return pool_size > answered
+    return pool_size > answered_in_pool
 
 
 def _nmi_rows(mi_rows: np.ndarray, rows: np.ndarray, entropy: np.ndarray) -> np.ndarray:

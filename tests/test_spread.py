@@ -137,3 +137,20 @@ def test_pool_mode_falls_back_to_the_answers_alone(small_pool, case):
     else:
         job, info = job_for(images, 20, "answers", knn_graph(mi))
     assert len(job) == 3 and info["learn"] == "answers"
+
+
+def test_synthetic_answers_join_the_fit_and_only_pool_answers_spread(small_pool):
+    """jbda's synthetic images (index -1) are not graph nodes: they are fitted as answered, and
+    only the real pool images' answers spread."""
+    from drmi_ray.experiment import substitute_job
+    from drmi_ray.models import TrainConfig
+
+    images, mi, _ = small_pool
+    indices = np.r_[np.arange(10), np.full(20, -1)]
+    answers = np.arange(30) % 10
+    (x, y, _, (pool_x, mass)), info = substitute_job(images[:30], answers, indices, TrainConfig(model="lenet5"),
+                                                     pool_images=images, graph=knn_graph(mi), learn="auto")
+    assert info["learn"] == "pool" and len(x) == len(y) == 30
+    rows, expected, _ = pool_targets(knn_graph(mi), np.arange(10), answers[:10], 10)
+    np.testing.assert_array_equal(pool_x, images[rows])
+    np.testing.assert_array_equal(mass, expected)
