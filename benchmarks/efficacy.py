@@ -168,16 +168,14 @@ def plot(rows, path):
                 cells = [[r for r in mine if r["method"] == m and r["budget"] == b] for b in budgets]
                 if vs_random:
                     stats = [paired(mine, m, b, metric) or (np.nan, 0.0) for b in budgets]
-                    seeds_of = [[r["seed"] for r in c] for c in cells]
                 else:
                     stats = [mean_ci([r[metric] for r in c]) if c else (np.nan, 0.0) for c in cells]
-                    seeds_of = [[r["seed"] for r in c] for c in cells]
                 x = np.array(budgets) * (1 + 0.012 * (i - len(methods) / 2))
                 mean = np.array([100 * s[0] for s in stats])
                 half = np.array([100 * s[1] for s in stats])
                 line = "--" if recipe == "today" and len(recipes) > 1 else "-"
                 label = m if len(recipes) == 1 else f"{m} ({recipe})"
-                if min(len(s) for s in seeds_of) >= MIN_SEEDS_FOR_CI:
+                if min(len(c) for c in cells) >= MIN_SEEDS_FOR_CI:
                     low, high = mean - half, mean + half
                     if not vs_random:
                         low, high = np.clip(low, 0, 100), np.clip(high, 0, 100)

@@ -335,7 +335,7 @@ def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> tuple[dict, list[Parti
         "objective": objective,
         "skipped": pool.skipped,
         "partitions": [{"name": p.name, "size": len(p.members), "budget": p.budget,
-                        "selected": int(inside[p.members].sum()), "store": stores.get(p.key)} for p in parts],
+                        "selected": int(inside[p.members].sum()), "store": p.store} for p in parts],
         "seconds": {"decode": round(pool.stats.get("seconds", 0.0), 3), "partition": round(t_mi - t0, 3),
                     "mi": round(mi_seconds, 3), "select": round(time.perf_counter() - t_sel, 3)},
         "stats": {"decoded_images_per_s": round(pool.stats.get("images_per_s", 0.0), 1),
