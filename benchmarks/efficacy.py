@@ -11,7 +11,7 @@ Train's local mode, PGD transfer) once per substitute recipe (``--recipes``):
 
 - ``today``: the substitute learns from its K answers alone, no augmentation
   (``learn="answers"``, ``augment="none"``);
-- ``new``: the shipped default (``learn="auto"``, ``augment="auto"``): augmentation, and the
+- ``new``: ``learn="auto"``, ``augment="auto"`` (opt-in; the default stays ``today``): augmentation, and the
   target's answers spread over the whole unlabeled pool through the MI graph
   (``drmi_ray/spread.py``).
 

@@ -110,9 +110,13 @@ def as_sent(adv: torch.Tensor) -> np.ndarray:
     return x.contiguous().numpy()
 
 
-def transfer(substitute: nn.Module, target_model: nn.Module, images, labels,
-             config: AttackConfig | None = None) -> dict:
+def transfer(substitute: nn.Module, target, images, labels, config: AttackConfig | None = None, *,
+             target_labels=None) -> dict:
     """The transfer experiment with its counts.
+
+    ``target``: the target model, or (an outside endpoint) a function that answers uint8 images
+    with int labels. ``target_labels``: the target's labels on ``images`` when already known (an
+    endpoint is then asked only for the adversarial examples).
 
     Returns ``{"transfer_rate", "n", "n_target_correct", "n_transferred",
     "substitute_success"}``: ``n_target_correct`` test images the target gets right;
@@ -122,16 +126,19 @@ def transfer(substitute: nn.Module, target_model: nn.Module, images, labels,
     (``as_sent``), as the target's API would receive them.
     """
     config = config or AttackConfig()
+    answer = (lambda a: predict(target, a)) if isinstance(target, nn.Module) else target
     x = as_float_batch(images)
     labels = check_labels(labels, len(x))
-    correct = predict(target_model, x) == labels
+    if target_labels is None:
+        target_labels = predict(target, x) if isinstance(target, nn.Module) else answer(as_sent(x))
+    correct = check_labels(target_labels, len(x), name="target_labels") == labels
     out = {"n": int(len(x)), "n_target_correct": int(correct.sum()), "n_transferred": 0,
            "transfer_rate": float("nan"), "substitute_success": float("nan")}
     if not correct.any():
         return out
     adv = as_sent(pgd(substitute, x[torch.from_numpy(correct)], labels[correct], config))
     kept = labels[correct]
-    fooled = predict(target_model, adv) != kept
+    fooled = np.asarray(answer(adv)) != kept
     out.update(n_transferred=int(fooled.sum()), transfer_rate=float(fooled.mean()),
                substitute_success=float((predict(substitute, adv) != kept).mean()))
     return out

@@ -93,6 +93,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .client import labels_of
 from .images import check_images
 from .models import TrainConfig, predict_proba, to_tensor, train_classifier
 
@@ -140,13 +141,7 @@ class _Ledger:
         images = np.ascontiguousarray(images, dtype=np.uint8)
         if len(images) == 0:
             return np.zeros(0, dtype=np.int64)
-        answer = np.asarray(self.query(images))
-        if answer.ndim == 2:  # probability rows
-            answer = answer.argmax(axis=1)
-        if answer.shape != (len(images),):
-            raise ValueError(f"query answered shape {answer.shape} for {len(images)} images; "
-                             "it must return one label per image")
-        labels = answer.astype(np.int64)
+        labels = labels_of(self.query(images), len(images))  # int labels (n,) or float rows (n, C) only
         self.images.append(images)
         self.labels.append(labels)
         self.indices.append(np.broadcast_to(np.asarray(indices, dtype=np.int64), (len(images),)))

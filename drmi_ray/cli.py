@@ -1,4 +1,5 @@
-"""The ``drmi`` command: ``drmi run`` (the experiment) and ``drmi reduce`` (pool URL -> selection)."""
+"""The ``drmi`` command: ``drmi run`` (the experiment), ``drmi reduce`` (pool URL -> selection) and
+``drmi serve`` (the metered target on its own)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,45 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def endpoint_arguments(p) -> None:
+    """``--target-url`` and its options, the same for ``run`` and ``reduce``."""
+    from drmi_ray.config import API_KEY_ENV, EVAL_KEY_ENV
+
+    e = p.add_argument_group("attack an outside endpoint (any Open Inference Protocol v2 server) instead of --target")
+    e.add_argument("--target-url", help="the endpoint's base URL (the part before /v2/...): the run's queries are spent "
+                                        "there, and the referee scores black-box (see the README)")
+    e.add_argument("--api-key", help=f"the API key the attack's queries are charged to (default ${API_KEY_ENV})")
+    e.add_argument("--eval-api-key", help=f"the key the referee's queries are charged to: the test images and the "
+                                          f"adversarial examples (default ${EVAL_KEY_ENV}, else --api-key)")
+    e.add_argument("--eval-budget", type=int, help="refuse to start when the referee could need more queries than this")
+    e.add_argument("--target-model", help="the model's name at the endpoint (default target)")
+    e.add_argument("--target-input", help="the input's name (default: from the model's metadata)")
+    e.add_argument("--target-datatype", help="the input's datatype, e.g. UINT8 or FP32 (FP32: pixels scaled to 0..1; "
+                                             "default: from the metadata)")
+    e.add_argument("--target-shape", type=int_list, help="one image's shape at the input, e.g. 784 or 1,28,28 "
+                                                         "(default: from the metadata)")
+    e.add_argument("--target-output", help="the output to ask for: labels or probability rows (default: the model's "
+                                           "only output)")
+    e.add_argument("--target-max-batch", type=int, help="images per request (default 64)")
+
+
+ENDPOINT_FLAGS = {"url": "target_url", "api_key": "api_key", "eval_api_key": "eval_api_key",
+                  "eval_budget": "eval_budget", "model": "target_model", "input_name": "target_input",
+                  "datatype": "target_datatype", "shape": "target_shape", "output": "target_output",
+                  "max_batch": "target_max_batch"}  # EndpointConfig field -> argparse dest
+
+
+def endpoint_config(args, endpoint):
+    """``endpoint`` (an EndpointConfig) with the ``--target-url`` options given; one of them
+    without an endpoint URL is refused (it would be ignored)."""
+    given = {field: getattr(args, dest) for field, dest in ENDPOINT_FLAGS.items() if getattr(args, dest) is not None}
+    endpoint = dataclasses.replace(endpoint, **given)
+    if endpoint.url is None and given:
+        flag = "--" + ENDPOINT_FLAGS[next(iter(given))].replace("_", "-")
+        raise ValueError(f"{flag} applies to an outside endpoint only: give --target-url too, or leave {flag} out")
+    return endpoint
 
 
 def run_parser(sub) -> None:
@@ -62,11 +102,12 @@ def run_parser(sub) -> None:
     p.add_argument("--learn", choices=LEARN_MODES,
                    help="what a substitute learns from: the target's answers alone, or the whole unlabeled pool with the answers "
                         "spread over the MI graph (the pool's own labels are never read); auto picks by the rule in "
-                        "drmi_ray/spread.py (default auto)")
+                        "drmi_ray/spread.py (default answers: transfers best; auto, with --augment auto, extracts best)")
     p.add_argument("--augment", choices=AUGMENTS,
                    help="substitute training augmentation: digits (small affine moves), photos (crop and flip), "
-                        "auto (by channels; default), none")
+                        "auto (by channels), none (default)")
     p.add_argument("--address", help="Ray cluster address (default: the cluster of `ray job submit`, else a local one)")
+    endpoint_arguments(p)
 
 
 def build_config(args):
@@ -116,6 +157,7 @@ def build_config(args):
         config.learn = args.learn
     if args.augment is not None:
         config.substitute = r(config.substitute, augment=args.augment)
+    config.endpoint = endpoint_config(args, config.endpoint)
     return config
 
 
@@ -179,18 +221,19 @@ def reduce_parser(sub) -> None:
     a.add_argument("--learn", choices=LEARN_MODES, default=d.learn,
                    help="what a substitute learns from: the target's answers alone, or the whole unlabeled pool with the answers "
                         "spread over the MI graph of its partition (the pool's own labels are never read); auto picks by the rule in "
-                        "drmi_ray/spread.py (default auto)")
+                        "drmi_ray/spread.py (default answers: transfers best; auto, with --augment auto, extracts best)")
     a.add_argument("--augment", choices=AUGMENTS, default=d.substitute.augment,
-                   help="substitute training augmentation: digits, photos, auto (by channels; default) or none")
+                   help="substitute training augmentation: digits, photos, auto (by channels) or none (default)")
     a.add_argument("--eps", type=float, default=d.attack.eps, help=f"PGD L-inf radius (default {d.attack.eps})")
     a.add_argument("--pgd-steps", type=int, default=d.attack.steps, help=f"PGD steps (default {d.attack.steps})")
     p.add_argument("--address", help="Ray address (default: the `ray job submit` cluster, else a local Ray)")
+    endpoint_arguments(p)
 
 
 def reduce_config(args):
     from drmi_ray.attack import AttackConfig
-    from drmi_ray.config import (ATTACK_FLAGS, SUBSTITUTE_FLAGS, MIConfig, ReduceConfig, check_attack,
-                                 check_train)
+    from drmi_ray.config import (ATTACK_FLAGS, SUBSTITUTE_FLAGS, EndpointConfig, MIConfig, ReduceConfig,
+                                 check_attack, check_train)
     from drmi_ray.models import TrainConfig
 
     # the stage dataclasses refuse bad values naming their fields, not the flags: check first
@@ -207,7 +250,45 @@ def reduce_config(args):
         parallel_partitions=args.parallel_partitions, dense_max=args.dense_max, num_actors=args.num_actors,
         seed=args.seed, target=args.target, serve_port=args.serve_port, test=args.test, test_size=args.test_size,
         substitute=TrainConfig(**train), attack=AttackConfig(**attack),
-        substitute_workers=args.substitute_workers, substitute_gpu=args.substitute_gpu, learn=args.learn)
+        substitute_workers=args.substitute_workers, substitute_gpu=args.substitute_gpu, learn=args.learn,
+        endpoint=endpoint_config(args, EndpointConfig()))
+
+
+def serve_parser(sub) -> None:
+    from drmi_ray.service import OUTPUTS
+
+    p = sub.add_parser("serve", help="the metered target on its own (keys, budgets, journal) until Ctrl-C",
+                       description="Serve a target checkpoint over HTTP (Open Inference Protocol v2, API keys, "
+                                   "budgets) on a local Ray until Ctrl-C or SIGTERM; serving the same --out again "
+                                   "resumes every key's budget (see drmi_ray/service.py).")
+    p.add_argument("--target", required=True, help="the target checkpoint (.pt written by drmi run or target.train_target)")
+    p.add_argument("--out", required=True, help="local folder for the journal and the operator key (FOLDER/target/)")
+    p.add_argument("--port", type=int, help="HTTP port (default: a free port; a taken one is refused)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)")
+    p.add_argument("--output", choices=OUTPUTS, default="label", help="what the target answers (default label)")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas behind the HTTP API (default 1)")
+    p.set_defaults(address=None)  # always a local Ray of its own
+
+
+def serve_main(args) -> None:
+    """``drmi serve``: print the base URL and how to make a key, then serve until Ctrl-C."""
+    import os
+    import shlex
+
+    from drmi_ray.runtime import log
+    from drmi_ray.service import serve_forever
+
+    key_file = os.path.join(args.out.rstrip("/"), "target", "operator.key")
+
+    def ready(service):
+        print(f'target: {service.url}  (model "{service.model}"; operator key in {key_file})')
+        print(f"make a key: curl -X POST {service.url}/v2/operator/keys -H \"Authorization: Bearer "
+              f"$(cat {shlex.quote(key_file)})\" -d '{{\"name\": \"alice\", \"budget\": 1000}}'")
+        print("Ctrl-C stops it; serving the same --out again resumes every key's budget", flush=True)
+
+    serve_forever(args.target, args.out, ready=ready, host=args.host, port=args.port, output=args.output,
+                  replicas=args.replicas)
+    log.info(f"target stopped; journal and operator key in {os.path.dirname(key_file)}")
 
 
 def one_line(err: BaseException) -> str:
@@ -241,6 +322,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser(sub)
     reduce_parser(sub)
+    serve_parser(sub)
     for p in sub.choices.values():  # `drmi run --debug ...` too; SUPPRESS keeps `drmi --debug run` working
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     parser.subcommands = sub.choices
@@ -268,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                 init_ray(args.address)
             run_experiment(config, out)
             log.info(f"wrote {out}/report.md (results.json, results.csv, results.png)")
+        elif args.command == "serve":
+            serve_main(args)
         else:
             from drmi_ray import reduce
 

@@ -254,20 +254,81 @@ class TargetConfig:
     port: int | None = None  # Serve's HTTP port, when this run starts Serve; None = a free port
 
 
+API_KEY_ENV, EVAL_KEY_ENV = "DRMI_API_KEY", "DRMI_EVAL_API_KEY"
+
+
+@dataclass
+class EndpointConfig:
+    """An outside prediction endpoint to attack by URL (``--target-url``) in place of a target of
+    ours: any Open Inference Protocol v2 server (Triton, KServe, MLServer, ``drmi serve``).
+
+    The API keys are never written to ``config.json``: ``api_key`` (``--api-key``, else
+    ``$DRMI_API_KEY``) pays for the attack's queries; ``eval_api_key`` (``--eval-api-key``, else
+    ``$DRMI_EVAL_API_KEY``, else the attack's key) pays for the referee's: the test images once
+    and each substitute's adversarial examples, at most ``eval_budget`` images in all.
+    """
+
+    url: str | None = None  # None: no outside endpoint
+    model: str = "target"  # the model's name at the endpoint
+    input_name: str | None = None  # the input contract; None: read from the model's metadata
+    datatype: str | None = None
+    shape: tuple[int, ...] | None = None  # one image's shape, e.g. (784,) or (1, 28, 28)
+    output: str | None = None  # the output to ask for; None: the model's only one
+    max_batch: int = 64  # images per request
+    eval_budget: int | None = None  # the referee's queries at most; None: as many as it needs
+    api_key: str | None = field(default=None, repr=False)
+    eval_api_key: str | None = field(default=None, repr=False)
+
+    def keys(self) -> tuple[str, str]:
+        """The attack's and the referee's API keys; a one-line ValueError when there is none."""
+        import os
+
+        key = self.api_key or os.environ.get(API_KEY_ENV)
+        if not key:
+            raise ValueError(f"--target-url needs an API key: pass --api-key KEY or set {API_KEY_ENV}")
+        return key, self.eval_api_key or os.environ.get(EVAL_KEY_ENV) or key
+
+    def client_settings(self, key: str) -> dict:
+        """``client.TargetClient``'s arguments for this endpoint with API key ``key``."""
+        return {"url": self.url, "key": key, "model": self.model, "max_batch": self.max_batch,
+                "input_name": self.input_name, "datatype": self.datatype, "shape": self.shape, "output": self.output}
+
+    def check(self) -> None:
+        if self.url is None:
+            return
+        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"--target-url must be an http:// or https:// base URL, got {self.url!r}")
+        if not isinstance(self.model, str) or not self.model or "/" in self.model:
+            raise ValueError(f"--target-model must be a model name, got {self.model!r}")
+        check_int("--target-max-batch", self.max_batch, maximum=1_000_000)
+        check_int("--eval-budget", self.eval_budget, minimum=0, none_ok=True)
+        if self.shape is not None:
+            if not self.shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.shape):
+                raise ValueError(f"--target-shape must list one image's positive dims, like 784 or 1,28,28; "
+                                 f"got {self.shape!r}")
+        self.keys()
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "api_key": None, "eval_api_key": None}
+
+
 @dataclass
 class ExperimentConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     mi: MIConfig = field(default_factory=MIConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
-    substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="c3f2", augment="auto"))
-    learn: str = "auto"  # substitutes learn from "answers", the whole "pool" (spread answers) or "auto" (spread.LEARN)
+    substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="c3f2"))
+    # substitutes learn from "answers", the whole "pool" (spread answers) or "auto" (spread.use_pool);
+    # "answers" and no augmentation by default: their PGD examples transfer best (README, "Does the pool?")
+    learn: str = "answers"
     attack: AttackConfig = field(default_factory=AttackConfig)
     substitute_workers: int = 1  # Ray Train workers per substitute fit; 0 = Train's local mode
     substitute_gpu: bool = False  # fit substitutes on GPUs (each worker takes one)
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)  # attack an outside endpoint instead
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "endpoint": self.endpoint.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ExperimentConfig":
@@ -365,11 +426,12 @@ class ReduceConfig:
     test: str | None = None  # the referee's labelled held-out pool (default: unselected pool images)
     test_size: int = 500
     substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="resnet18", epochs=10, min_steps=100,
-                                                                       batch_size=64, augment="auto"))
-    learn: str = "auto"  # as ExperimentConfig.learn, the graph from each partition's tile store
+                                                                       batch_size=64))
+    learn: str = "answers"  # as ExperimentConfig.learn, the graph from each partition's tile store
     attack: AttackConfig = field(default_factory=AttackConfig)
     substitute_workers: int = 1  # Ray Train workers for the substitute; 0 = Train's local mode
     substitute_gpu: bool = False
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)  # query an outside endpoint instead of target
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "endpoint": self.endpoint.to_dict()}

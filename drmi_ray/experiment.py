@@ -10,6 +10,11 @@ HTTP API (``drmi_ray.service``, served by Ray Serve for the run): each cell hold
 (ground-truth accuracy, fidelity, transfer rate) loads the target checkpoint itself: those
 predictions are measurements, not the attacker's queries.
 
+An outside endpoint (``config.endpoint.url``, ``--target-url``) replaces the target of ours:
+every cell queries it on the attack's key, and the referee, holding no weights, asks it for its
+labels of the test split and of each substitute's adversarial examples on the evaluation key
+(``evaluate_cell``), and the report states how many queries that took.
+
 Reruns: the target's journal and operator key live in ``{out}/target/``, finished cells'
 acquisitions in ``{out}/acquired/``, the trained target in ``{out}/target.pt``: running the same
 ``--out`` again resumes, and nothing the target answered is charged twice.
@@ -29,14 +34,14 @@ import ray
 from fsspec.implementations.local import LocalFileSystem
 
 from drmi_ray import report
-from drmi_ray.attack import transfer_rate
+from drmi_ray.attack import transfer, transfer_rate
 from drmi_ray.baselines import METHODS, MI_METHODS, acquire
 from drmi_ray.config import ExperimentConfig
 from drmi_ray.data import load_pool, split_indices
 from drmi_ray.matrix import compute_mi_matrix
 from drmi_ray.models import TrainConfig, predict
 from drmi_ray.substitute import evaluate, fit_substitutes
-from drmi_ray.client import TargetClient
+from drmi_ray.client import TargetClient, labels_of
 from drmi_ray.runtime import completed, gather, init_ray, log, setup_logging, use_cpus
 from drmi_ray.service import run_target
 from drmi_ray.target import load_classifier, train_target
@@ -124,6 +129,16 @@ def check_config(config: ExperimentConfig) -> None:
     check_choice("--color", config.mi.color, COLOR_MODES)
     # the target
     check_checkpoint("--target", tc.checkpoint)
+    config.endpoint.check()
+    if config.endpoint.url:
+        if tc.checkpoint:
+            raise ValueError("--target and --target-url: give one (a checkpoint we serve, or an endpoint to attack)")
+        cells = len(sel.methods) * len(sel.budgets) * sel.seeds
+        most = pc.test * (1 + cells)  # the test split once, then each substitute's adversarial examples
+        if config.endpoint.eval_budget is not None and config.endpoint.eval_budget < most:
+            raise ValueError(f"--eval-budget {config.endpoint.eval_budget}: the referee may need {most} queries (the "
+                             f"{pc.test} test images, then up to {pc.test} adversarial examples for each of {cells} "
+                             "substitutes); raise it, or lower --test-size")
     check_number("--rate-limit", tc.rate_limit, above=0, at_most=1e9, none_ok=True,
                  fix="give images/s, or leave the flag out for no limit")
     check_number("--burst", tc.burst, above=0, at_most=1e9, fix="give how many images may pass at once (default 1)")
@@ -161,24 +176,54 @@ def cell_name(cell) -> str:
 
 
 @ray.remote(num_cpus=1)
-def acquire_cell(cell, pool_images, mi, url, key, substitute_config, max_batch=None):
+def acquire_cell(cell, pool_images, mi, client_settings, substitute_config):
     """The attacker for one cell: spend ``budget`` queries with ``method`` through the target's
-    HTTP API (an API key and the cell's request-id prefix; nothing else of the target).
-    ``max_batch``: images per request (the key's burst under a rate limit: the target refuses more)."""
+    HTTP API (``client_settings``: ``TargetClient``'s URL, API key and options; the request ids
+    are the cell's; nothing else of the target). Returns the answered images, their answers and
+    pool indices, and how many images the target answered."""
     use_cpus()
     method, budget, seed = cell
-    client = TargetClient(url, key, prefix=cell_name(cell), max_batch=max_batch)
+    client = TargetClient(**client_settings, prefix=cell_name(cell))
     got = acquire(method, pool_images, budget, client.query, seed=seed, mi=mi, substitute_config=substitute_config)
-    return got.images, got.labels, got.indices
+    return got.images, got.labels, got.indices, client.answered
+
+
+def check_endpoint(client_settings: dict, images: np.ndarray) -> None:
+    """Before any query: the endpoint answers, has the model, and its input takes ``images``
+    (read from its metadata, sending nothing to infer); a one-line error otherwise."""
+    TargetClient(**client_settings).request_body(images[:1], "check")
+
+
+def endpoint_labels(client_settings: dict, images: np.ndarray, prefix: str) -> tuple[np.ndarray, int]:
+    """An outside endpoint's labels for ``images`` (the referee's queries, request ids
+    ``{prefix}-N``) and how many images it answered."""
+    client = TargetClient(**client_settings, prefix=prefix)
+    return labels_of(client.query(images)), client.answered
 
 
 @ray.remote(num_cpus=1)
-def evaluate_cell(checkpoint, substitute, test_images, test_labels, target_labels, attack_config):
-    """Referee: the substitute's accuracy and fidelity, and the transfer rate of its PGD examples."""
+def evaluate_cell(target, substitute, test_images, test_labels, target_labels, attack_config, name="referee"):
+    """Referee: the substitute's accuracy and fidelity, and the transfer rate of its PGD examples.
+
+    ``target``: the target's checkpoint, or an outside endpoint's client settings (its
+    evaluation key): the adversarial examples are then sent to the endpoint (request ids
+    ``{name}-N``) and ``eval_queries`` counts them."""
     use_cpus()
     scores = evaluate(substitute, test_images, test_labels, target_labels)
-    scores["transfer_rate"] = transfer_rate(substitute, load_classifier(checkpoint), test_images, test_labels,
-                                            attack_config)
+    if isinstance(target, str):
+        scores["transfer_rate"] = transfer_rate(substitute, load_classifier(target), test_images, test_labels,
+                                                attack_config)
+        return scores
+    asked = []
+
+    def answer(images):
+        labels, answered = endpoint_labels(target, images, f"{name}-{len(asked)}")
+        asked.append(answered)
+        return labels
+
+    scores["transfer_rate"] = transfer(substitute, answer, test_images, test_labels, attack_config,
+                                       target_labels=target_labels)["transfer_rate"]
+    scores["eval_queries"] = sum(asked)
     return scores
 
 
@@ -206,11 +251,12 @@ def substitute_job(images, labels, indices, train: TrainConfig, *, pool_images=N
     return (images, labels, train, (pool_images[rows], mass)), {"learn": "pool", **info}
 
 
-def fit_and_score(jobs, checkpoint, test_images, test_labels, target_labels, config, *,
-                  storage_path: str | None = None) -> list[dict]:
+def fit_and_score(jobs, target, test_images, test_labels, target_labels, config, *,
+                  storage_path: str | None = None, names=None) -> list[dict]:
     """The tail every run shares (``drmi run`` and ``reduce``): fit one substitute per job
     ``(images, the target's answers, TrainConfig)`` with Ray Train, then referee each: accuracy,
-    fidelity and the PGD transfer rate against the target checkpoint.
+    fidelity and the PGD transfer rate against the target (its checkpoint, or an outside
+    endpoint's client settings: see ``evaluate_cell``; ``names``: each job's request-id prefix).
 
     ``config``: an ExperimentConfig or ReduceConfig (``substitute_workers``, ``substitute_gpu``,
     ``attack``). ``storage_path``: where Ray Train keeps the runs and their weight checkpoints.
@@ -219,18 +265,9 @@ def fit_and_score(jobs, checkpoint, test_images, test_labels, target_labels, con
     substitutes = fit_substitutes(jobs, num_workers=config.substitute_workers, use_gpu=config.substitute_gpu,
                                   storage_path=storage_path)
     refs = [ray.put(x) for x in (test_images, test_labels, target_labels)]
-    return gather([evaluate_cell.remote(checkpoint, s, *refs, config.attack) for s in substitutes], what="evaluated")
-
-
-def read_json(url: str):
-    """A JSON file's content, or None when it is missing or unreadable."""
-    import json
-
-    try:
-        with fsspec.open(url, "r") as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    names = names or [f"referee-{i}" for i in range(len(jobs))]
+    return gather([evaluate_cell.remote(target, s, *refs, config.attack, name) for s, name in zip(substitutes, names)],
+                  what="evaluated")
 
 
 def key_settings(config: ExperimentConfig, budget: int) -> dict:
@@ -240,16 +277,20 @@ def key_settings(config: ExperimentConfig, budget: int) -> dict:
 
 
 def acquire_all(cells, config, service, pool_ref, mi_ref, saved_dir):
-    """Run every cell's acquisition as a Ray task, each with its own API key and budget.
+    """Run every cell's acquisition as a Ray task, each through the target's HTTP API.
 
+    ``service``: our target (``run_target``): each cell gets its own API key whose budget is the
+    cell's, and the queries charged are the target's own count; None: the outside endpoint of
+    ``config.endpoint``, every cell on the attack's key, the queries counted by the client.
     A finished cell's images and the target's answers are saved in ``saved_dir`` (the attacker's
     copy): a rerun of the run folder reuses them, and a cell cut short is asked again with the
-    same request ids, so the target returns its stored answers without charging them twice.
-    Returns {cell: (images, labels, pool indices, queries the target charged, PRADA flag of its key)}.
+    same request ids (our target returns its stored answers without charging them twice; an
+    outside endpoint may charge them again).
+    Returns {cell: (images, labels, pool indices, queries charged, PRADA flag of its key or None)}.
     """
     os.makedirs(saved_dir, exist_ok=True)
     task = acquire_cell
-    if config.target.host in ("127.0.0.1", "localhost") and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+    if service and config.target.host in ("127.0.0.1", "localhost") and len([n for n in ray.nodes() if n["Alive"]]) > 1:
         # the service listens on this node's loopback only: run the cells here
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -258,29 +299,36 @@ def acquire_all(cells, config, service, pool_ref, mi_ref, saved_dir):
     refs, got = {}, {}
     for cell in cells:
         saved = os.path.join(saved_dir, f"{cell_name(cell)}.npz")
-        key = service.create_key(cell_name(cell), **key_settings(config, cell[1]))
+        if service:
+            key = service.create_key(cell_name(cell), **key_settings(config, cell[1]))
+            burst = None if config.target.rate_limit is None else max(1, int(config.target.burst))
+            settings = {"url": service.url, "key": key, "max_batch": burst}
+        else:
+            settings = config.endpoint.client_settings(config.endpoint.keys()[0])
         if os.path.exists(saved):
             with np.load(saved) as f:
                 if "indices" in f:  # older run folders saved no indices: asked again, free (same request ids)
-                    got[cell] = (f["images"], f["labels"], f["indices"])
+                    got[cell] = (f["images"], f["labels"], f["indices"], int(f["answered"]) if "answered" in f else -1)
                     continue
-        max_batch = None if config.target.rate_limit is None else max(1, int(config.target.burst))
-        ref = task.remote(cell, pool_ref, mi_ref if cell[0] in MI_METHODS else None, service.url, key,
-                          dataclasses.replace(config.substitute, seed=cell[2]), max_batch)
+        ref = task.remote(cell, pool_ref, mi_ref if cell[0] in MI_METHODS else None, settings,
+                          dataclasses.replace(config.substitute, seed=cell[2]))
         refs[ref] = cell
     if got:
         log.info(f"  reusing {len(got)} finished acquisitions from {saved_dir}")
     running = list(refs.values())
-    for i, (images, labels, indices) in completed(list(refs), what="acquired"):
+    for i, (images, labels, indices, answered) in completed(list(refs), what="acquired"):
         cell = running[i]
-        got[cell] = images, labels, indices
+        got[cell] = images, labels, indices, answered
         saved = os.path.join(saved_dir, f"{cell_name(cell)}.npz")
-        np.savez(saved + ".tmp.npz", images=images, labels=labels, indices=indices)
+        np.savez(saved + ".tmp.npz", images=images, labels=labels, indices=indices, answered=answered)
         os.replace(saved + ".tmp.npz", saved)
     results = {}
     for cell in cells:
-        usage = service.usage(cell_name(cell))
-        results[cell] = (*got[cell], usage["used"], usage["prada_flagged_at"])
+        if service:
+            usage = service.usage(cell_name(cell))
+            results[cell] = (*got[cell][:3], usage["used"], usage["prada_flagged_at"])
+        else:
+            results[cell] = (*got[cell][:3], got[cell][3], None)
     return results
 
 
@@ -313,6 +361,8 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
 
     check_config(config)
     out = check_out(out)
+    if config.endpoint.url:  # the endpoint answers and has the model, before anything starts
+        TargetClient(**config.endpoint.client_settings(config.endpoint.keys()[0])).contract()
     setup_logging()
     init_ray()
     fs, out_path = fsspec.core.url_to_fs(out)
@@ -324,15 +374,22 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
     with timings.stage("pool"):
         data = load_data(config)
 
-    checkpoint = config.target.checkpoint
-    if checkpoint is None:
-        checkpoint = os.path.join(work, "target.pt")
-        if os.path.exists(checkpoint):  # a rerun: the target its journal was written for
-            log.info(f"target: reusing {checkpoint}")
-        else:
-            with timings.stage("target training"):
-                train_target(data.target_images, data.target_labels, checkpoint, config=config.target.train)
-    target_labels = predict(load_classifier(checkpoint), data.test_images)
+    endpoint = config.endpoint
+    if endpoint.url:  # an outside endpoint: the referee asks it for the test split's labels
+        check_endpoint(endpoint.client_settings(endpoint.keys()[0]), data.pool)
+        referee = endpoint.client_settings(endpoint.keys()[1])
+        with timings.stage("referee: the endpoint's labels of the test split"):
+            target_labels, eval_queries = endpoint_labels(referee, data.test_images, "referee-test")
+    else:
+        referee, eval_queries = config.target.checkpoint, 0
+        if referee is None:
+            referee = os.path.join(work, "target.pt")
+            if os.path.exists(referee):  # a rerun: the target its journal was written for
+                log.info(f"target: reusing {referee}")
+            else:
+                with timings.stage("target training"):
+                    train_target(data.target_images, data.target_labels, referee, config=config.target.train)
+        target_labels = predict(load_classifier(referee), data.test_images)
     target_accuracy = float((target_labels == data.test_labels).mean())
     log.info(f"target accuracy on the test split: {100 * target_accuracy:.1f}%")
 
@@ -346,11 +403,15 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
     cells = [(method, budget, seed) for budget in sel.budgets for seed in range(sel.first_seed, sel.first_seed + sel.seeds) for method in sel.methods]
     tc = config.target
     with timings.stage("selection and queries"):
-        with run_target(checkpoint, out, output=tc.output, decimals=tc.decimals, replicas=tc.replicas,
-                        host=tc.host, port=tc.port) as service:
-            log.info(f"target: serving at {service.url}/v2/models/{service.model}/infer")
-            acquired = acquire_all(cells, config, service, ray.put(data.pool), ray.put(mi),
-                                   os.path.join(work, "acquired"))
+        if endpoint.url:
+            log.info(f"target: the endpoint {endpoint.url}/v2/models/{endpoint.model}/infer")
+            acquired = acquire_all(cells, config, None, ray.put(data.pool), ray.put(mi), os.path.join(work, "acquired"))
+        else:
+            with run_target(referee, out, output=tc.output, decimals=tc.decimals, replicas=tc.replicas,
+                            host=tc.host, port=tc.port) as service:
+                log.info(f"target: serving at {service.url}/v2/models/{service.model}/infer")
+                acquired = acquire_all(cells, config, service, ray.put(data.pool), ray.put(mi),
+                                       os.path.join(work, "acquired"))
 
     graph = None
     if config.learn != "answers":
@@ -366,8 +427,9 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
                                        pool_images=data.pool, graph=graph, learn=config.learn)
             jobs.append(job)
             learned.append(info)
-        scores = fit_and_score(jobs, checkpoint, data.test_images, data.test_labels, target_labels, config,
-                               storage_path=os.path.join(work, "train"))
+        scores = fit_and_score(jobs, referee, data.test_images, data.test_labels, target_labels, config,
+                               storage_path=os.path.join(work, "train"), names=[f"referee-{cell_name(c)}" for c in cells])
+    eval_queries += sum(sc.get("eval_queries", 0) for sc in scores)
 
     rows = []
     for cell, sc, info in zip(cells, scores, learned):
@@ -380,7 +442,11 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
         f"protocol: {pc.protocol} ({pc.source}); target trained on {len(data.target_images)}, "
         f"attacker pool {len(data.pool)}, test {len(data.test_images)} images",
         f"target: {config.target.train.model}, accuracy {100 * target_accuracy:.1f}% on the test split; "
-        f"answers: {config.target.output}",
+        f"answers: {config.target.output}" if not endpoint.url else
+        f"target: the endpoint {endpoint.url} (model {endpoint.model!r}), accuracy {100 * target_accuracy:.1f}% on the "
+        f"test split; scored black-box: the test split and each substitute's adversarial examples cost "
+        f"{eval_queries} evaluation queries (on the evaluation key), beside the attack's "
+        f"{sum(a[3] for a in acquired.values())} queries",
         f"substitute: {config.substitute.model}, augment {config.substitute.augment}, learns from "
         f"{config.learn} (per cell: the results' learn column); MI: bins={config.mi.bins}, color={config.mi.color}; "
         f"PGD: eps={config.attack.eps:.3g}, step={config.attack.step_size:.3g}, steps={config.attack.steps}",

@@ -89,6 +89,12 @@ def check_config(c: ReduceConfig) -> None:
     check_attack(dataclasses.asdict(c.attack), lambda f: ATTACK_FLAGS.get(f, f"attack.{f}"))
     check_source("--data", c.data, download=c.download)
     check_checkpoint("--target", c.target)
+    c.endpoint.check()
+    if c.endpoint.url and c.target:
+        raise ValueError("--target and --target-url: give one (a checkpoint we serve, or an endpoint to attack)")
+    if c.endpoint.url and c.endpoint.eval_budget is not None and c.endpoint.eval_budget < 2 * c.test_size:
+        raise ValueError(f"--eval-budget {c.endpoint.eval_budget}: the referee may need {2 * c.test_size} queries "
+                         f"(the {c.test_size} test images, then their adversarial examples); raise it, or lower --test-size")
     check_exists("--test", c.test, "a labelled ImageFolder tree or Parquet shards")
     n = pool_images(c.data)  # last: a URL is listed
     for option, value in (("--budget", c.budget), ("--pool-size", c.pool_size), ("--clusters", c.clusters)):
@@ -373,7 +379,7 @@ def run_reduce(c: ReduceConfig, out: str, *, address: str | None = None) -> dict
     report.write_text(f"{out}/selection.json", json.dumps(result, indent=1))
     log.info(f"selected {len(result['selected'])} of {result['n_images']} images ({len(result['skipped'])} skipped) "
              f"in {result['seconds']['total']:.1f} s; wrote {out}/selection.json")
-    if c.target:
+    if c.target or c.endpoint.url:
         attack_with_selection(pool, result, c, out, parts)
         log.info(f"wrote {out}/report.md")
     return result
@@ -383,10 +389,12 @@ def run_reduce(c: ReduceConfig, out: str, *, address: str | None = None) -> dict
 
 def query_target(client, images: np.ndarray, *, batch: int = 256) -> np.ndarray:
     """The target's labels for ``images``, asked batch by batch through its HTTP API."""
+    from drmi_ray.client import labels_of
+
     labels = np.empty(len(images), dtype=np.int64)
     for start in range(0, len(images), batch):
-        answer = client.query(images[start:start + batch])
-        labels[start:start + len(answer)] = answer if answer.ndim == 1 else answer.argmax(1)
+        chunk = images[start:start + batch]
+        labels[start:start + len(chunk)] = labels_of(client.query(chunk), len(chunk))
         log.info(f"query: {min(start + batch, len(images))}/{len(images)} images answered")
     return labels
 
@@ -460,30 +468,42 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str,
     from drmi_ray import report
     from drmi_ray.baselines import seeded_shuffle
     from drmi_ray.client import TargetClient
-    from drmi_ray.experiment import fit_and_score, substitute_job
+    from drmi_ray.experiment import endpoint_labels, fit_and_score, substitute_job
     from drmi_ray.models import predict
     from drmi_ray.service import run_target
     from drmi_ray.target import load_checkpoint, load_classifier
 
     timings = {}
-    ckpt = load_checkpoint(c.target)
-    size, channels = int(ckpt["image_size"]), int(ckpt["in_channels"])
-    shape = (size, size) if channels == 1 else (size, size, channels)
+    if c.endpoint.url:  # an outside endpoint: the client maps the pool's images to its input
+        ckpt = {"model": f"the endpoint {c.endpoint.url} (model {c.endpoint.model!r})",
+                "num_classes": c.substitute.num_classes}
+        shape = pool.images.shape[1:]
+    else:
+        ckpt = load_checkpoint(c.target)
+        size, channels = int(ckpt["image_size"]), int(ckpt["in_channels"])
+        shape = (size, size) if channels == 1 else (size, size, channels)
     selected = np.asarray(result["indices"], dtype=np.int64)
     images = at_geometry(pool, selected, shape)
     test_images, test_labels = referee_test(pool, selected, c, shape)
 
-    # The run folder's target: a rerun asks the same batches with the same request ids and gets
-    # the journal's stored answers, charged once.
+    # a seeded shuffle, not the selection's index order (an ImageFolder pool is stored by class)
+    order = seeded_shuffle(np.arange(len(images)), c.seed)
+    answers = np.empty(len(images), dtype=np.int64)
     t = time.perf_counter()
-    with run_target(c.target, out, port=c.serve_port) as service:
-        key = service.create_key("drmi-reduce", budget=len(images))
-        client = TargetClient(service.url, key, prefix="drmi-reduce")
-        # a seeded shuffle, not the selection's index order (an ImageFolder pool is stored by class)
-        order = seeded_shuffle(np.arange(len(images)), c.seed)
-        answers = np.empty(len(images), dtype=np.int64)
+    if c.endpoint.url:
+        attack_key, eval_key = c.endpoint.keys()
+        client = TargetClient(**c.endpoint.client_settings(attack_key), prefix="drmi-reduce")
+        client.request_body(images[:1], "check")  # the endpoint answers and takes these images: one line if not
         answers[order] = query_target(client, images[order])
-        queries = service.usage("drmi-reduce")["used"]
+        queries = client.answered
+    else:
+        # The run folder's target: a rerun asks the same batches with the same request ids and gets
+        # the journal's stored answers, charged once.
+        with run_target(c.target, out, port=c.serve_port) as service:
+            key = service.create_key("drmi-reduce", budget=len(images))
+            client = TargetClient(service.url, key, prefix="drmi-reduce")
+            answers[order] = query_target(client, images[order])
+            queries = service.usage("drmi-reduce")["used"]
     timings["queries"] = time.perf_counter() - t
     log.info(f"target answered {len(images)} images; it charged {queries} queries")
 
@@ -502,16 +522,26 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str,
                                   learn=c.learn)
     log.info(f"substitute learns from the {learned['learn']}"
              + (f" ({learned['reached']} pool images reached, {learned['unreached']} not)" if "reached" in learned else ""))
-    target_labels = predict(load_classifier(c.target), test_images)
-    (scores,) = fit_and_score([job], c.target, test_images, test_labels,
-                              target_labels, c, storage_path=f"{out}/train")
+    eval_queries = 0
+    if c.endpoint.url:  # the referee scores black-box, on its own key
+        referee = c.endpoint.client_settings(eval_key)
+        target_labels, eval_queries = endpoint_labels(referee, test_images, "referee-test")
+    else:
+        referee = c.target
+        target_labels = predict(load_classifier(c.target), test_images)
+    (scores,) = fit_and_score([job], referee, test_images, test_labels,
+                              target_labels, c, storage_path=f"{out}/train", names=["referee-drmi-reduce"])
+    eval_queries += scores.get("eval_queries", 0)
     timings["substitute training, evaluation and PGD transfer"] = time.perf_counter() - t
     rows = [{"method": "drmi", "budget": len(images), "seed": c.seed, "queries": int(queries),
              "accuracy": scores["accuracy"], "fidelity": scores["fidelity"],
              "transfer_rate": scores["transfer_rate"], "substitute": c.substitute.model, "learn": learned["learn"],
              "test_images": int(len(test_images))}]
     notes = [f"pool: {c.data} ({result['n_images']} images, {len(result['skipped'])} skipped), "
-             f"partition {result['partition']}", f"target: {c.target} ({ckpt['model']})",
+             f"partition {result['partition']}",
+             f"target: {c.target} ({ckpt['model']})" if c.target else
+             f"target: {ckpt['model']}, scored black-box: {eval_queries} evaluation queries (the test images and "
+             "the adversarial examples, on the evaluation key) beside the attack's",
              f"substitute: {c.substitute.model} (random init), test: {c.test or 'see referee_test'} "
              f"({len(test_images)} images)"]
     report.write_run(out, rows, config=c.to_dict(), timings=timings, notes=notes)

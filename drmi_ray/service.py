@@ -576,3 +576,66 @@ def run_target(checkpoint: str, out: str, **options):
         stop_target(service)
         if not local:
             fs.put(folder + "/", f"{path}/target", recursive=True)
+
+
+# --------------------------------------------------------------------------- `drmi serve`
+
+def serve_forever(checkpoint: str, out: str, *, ready=None, host: str = "127.0.0.1", port: int | None = None,
+                  output: str = "label", replicas: int = 1) -> None:
+    """``drmi serve``: the target alone, on a local Ray started here, until SIGINT or SIGTERM.
+
+    ``checkpoint``: a local target checkpoint. ``out``: a local folder; its ``target/`` holds the
+    journal and the operator key (``run_target``), so serving the same folder again resumes every
+    key's spent budget and stored answers. ``host``, ``port``, ``output``, ``replicas``:
+    ``start_target``'s. ``ready(service)`` is called once the target answers. Every setting is
+    checked first (a one-line ValueError naming the flag, before Ray starts); on the signal the
+    application is deleted (the ledger closes the journal) and Ray is shut down.
+    """
+    import signal
+    import threading
+
+    from .config import check_checkpoint, check_choice, check_int, check_out
+    from .runtime import init_ray
+
+    check_checkpoint("--target", checkpoint)
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"--target {checkpoint}: drmi serve reads a local file; copy the checkpoint here first")
+    check_choice("--output", output, OUTPUTS)
+    check_int("--replicas", replicas, maximum=256)
+    check_int("--port", port, minimum=1, maximum=65535, none_ok=True)
+    try:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+    except (OSError, TypeError) as e:
+        raise ValueError(f"--host {host!r}: cannot listen there ({getattr(e, 'strerror', None) or e}); give an "
+                         "address of this machine, e.g. 127.0.0.1 (default) or 0.0.0.0 (every interface)") from None
+    if port is not None:
+        try:
+            _check_port(host, port)
+        except ValueError as e:
+            raise ValueError(str(e).replace("--serve-port", "--port")) from None
+    if "://" in out:
+        raise ValueError(f"--out {out}: drmi serve keeps its journal in a local folder; give a path")
+    out = check_out(out)
+    started = not ray.is_initialized()
+    # a Ray of its own, never one found on this machine; no dashboard UI (another run's may hold its port)
+    init_ray("local", include_dashboard=False, log_to_driver=False)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():  # a second Ctrl-C: give up on the clean stop
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with run_target(checkpoint, out, output=output, replicas=replicas, host=host, port=port) as service:
+            if ready is not None:
+                ready(service)
+            while not stop.wait(0.5):
+                pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if started:
+            ray.shutdown()

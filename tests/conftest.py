@@ -1,4 +1,7 @@
 import os
+import re
+import signal
+import time
 
 # Ray Train V2 polls worker health every second by default; tests wait on it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -95,3 +98,91 @@ def lenet5_target(lenet5_checkpoint):
 
     path, _, perm = lenet5_checkpoint
     return load_classifier(path), perm
+
+
+class DrmiServe:
+    """``drmi serve`` started as a user starts it: ``python -m drmi_ray.cli serve --target
+    CHECKPOINT --out FOLDER FLAGS...`` in a session of its own (as in a terminal: Ctrl-C reaches
+    its whole process group), waited on until it prints its base URL.
+
+    ``url``, ``service`` (a ``TargetService`` for the operator calls), ``operator_key``,
+    ``key_file`` (as printed), ``stdout`` (lines so far); ``stop(signal)`` -> exit code;
+    ``kill()`` for cleanup. Raises AssertionError with its stderr when it exits before serving.
+    """
+
+    READY = re.compile(r'^target: (http://\S+)  \(model "target"; operator key in (\S+)\)$')
+
+    def __init__(self, checkpoint, out, *flags, wait_s: float = 240):
+        import queue
+        import subprocess
+        import sys
+        import tempfile
+        import threading
+
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "drmi_ray.cli", "serve", "--target", str(checkpoint), "--out", str(out),
+             *map(str, flags)], stdout=subprocess.PIPE, stderr=self.stderr, text=True, start_new_session=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.stdout: list[str] = []
+        self._lines = queue.Queue()  # its stdout a line at a time, None at the end
+        threading.Thread(target=self._read, daemon=True).start()
+        self.url = self.key_file = None
+        deadline = time.monotonic() + wait_s
+        while self.url is None:
+            line = self._line(deadline)
+            match = self.READY.match(line)
+            if match:
+                self.url, self.key_file = match[1], match[2]
+        self._line(deadline)  # the curl hint: printed with the URL, before it serves forever
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _line(self, deadline: float) -> str:
+        import queue
+
+        try:
+            line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            self.kill()
+            raise AssertionError(f"drmi serve printed no URL in time; stderr:\n{self.errors()}") from None
+        if line is None:
+            self.proc.wait()
+            raise AssertionError(f"drmi serve exited ({self.proc.returncode}) before serving; stderr:\n{self.errors()}")
+        self.stdout.append(line.rstrip("\n"))
+        return self.stdout[-1]
+
+    def errors(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+    @property
+    def operator_key(self) -> str:
+        with open(self.key_file) as f:
+            return f.read().strip()
+
+    @property
+    def service(self):
+        from drmi_ray.service import TargetService
+
+        return TargetService(url=self.url, operator_key=self.operator_key, app=self.url.rsplit("/", 1)[1])
+
+    def stop(self, sig=signal.SIGINT, timeout: float = 120) -> int:
+        """Send ``sig`` and wait; its exit code. SIGINT goes to its process group, as Ctrl-C in a
+        terminal sends it (Ray's own processes ignore it); another signal to the command alone, as
+        ``kill PID`` sends it (SIGTERM would stop Ray's processes under the command)."""
+        (os.killpg if sig == signal.SIGINT else os.kill)(self.proc.pid, sig)
+        code = self.proc.wait(timeout=timeout)
+        self.stdout += [line.rstrip("\n") for line in iter(lambda: self._lines.get(timeout=10), None)]
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()

@@ -99,7 +99,9 @@ def bad_values(action, tmp_path) -> list[list[str]]:
     specific = {
         "--out": [str(a_file)], "--config": [missing + ".json"], "--pool": [missing], "--data": [missing],
         "--test": [missing], "--target": [str(not_a_checkpoint)], "--substitute": ["no-such-net"],
-        "--address": ["nowhere"],
+        "--address": ["nowhere"], "--host": ["no-such-host.invalid"],  # drmi serve; tests/test_serve.py walks it fully
+        "--target-url": ["ftp://host/x"], "--api-key": ["k"], "--eval-api-key": ["k"], "--target-model": ["m"],
+        "--target-input": ["images"], "--target-datatype": ["FP32"], "--target-output": ["label"],
     }
     if option == "--data-root":  # only read by the paper protocols
         return [["--protocol", "paper-mnist", option, missing]]

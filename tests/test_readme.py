@@ -22,6 +22,7 @@ def test_readme_quotes_the_default_settings_of_the_code():
         f"budgets {' and '.join(map(str, q.selection.budgets))}",
         f"budgets {', '.join(map(str, budgets[:-1]))} and {budgets[-1]}",
         f"eps {attack.eps:g}, step {attack.step_size:g}, {attack.steps} steps",
+        f"By default (`--learn {c.learn}`, `--augment {sub.augment}`)",
     ]
     readme = " ".join(README.split())  # line breaks as spaces
     assert [s for s in quoted if s not in readme] == []

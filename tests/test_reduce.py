@@ -262,6 +262,29 @@ def test_target_stage_charges_the_budget_once_and_a_rerun_nothing_more(ray_local
     assert read_json(out / "results.json")[0]["queries"] == 20
 
 
+def test_target_url_is_charged_at_the_endpoint_and_the_referee_pays_on_its_own_key(
+        ray_local, image_folder, lenet5_checkpoint, tmp_path, serve_port):
+    """--target-url: the selection is asked of an outside endpoint (here our own service over the
+    session's target) on the attack's key; the referee asks the endpoint for the test images'
+    labels and for the adversarial examples on the evaluation key, and says how many it asked."""
+    from drmi_ray.service import start_target, stop_target
+
+    service = start_target(lenet5_checkpoint[0], str(tmp_path / "endpoint" / "journal.jsonl"), port=serve_port)
+    try:
+        attack_key, eval_key = service.create_key("attacker", budget=20), service.create_key("referee", budget=80)
+        argv = attack_argv(image_folder, tmp_path / "run", lenet5_checkpoint[0], "lenet5", serve_port)
+        argv = argv[:argv.index("--size")] + argv[argv.index("--size") + 2:]  # the pool's own 28 x 28
+        argv = argv[:argv.index("--target")] + argv[argv.index("--target") + 2:]
+        assert main([*argv, "--target-url", service.url, "--api-key", attack_key, "--eval-api-key", eval_key]) == 0
+        attacker, referee = service.usage("attacker"), service.usage("referee")
+    finally:
+        stop_target(service)
+    (row,) = read_json(tmp_path / "run" / "results.json")
+    assert row["queries"] == attacker["used"] == 20 and not (tmp_path / "run" / "target").exists()
+    assert 40 < referee["used"] <= 80  # the 40 test images, then one adversarial example per image it got right
+    assert f"scored black-box: {referee['used']} evaluation queries" in (tmp_path / "run" / "report.md").read_text()
+
+
 @pytest.mark.heavy
 @pytest.mark.parametrize("substitute", ["resnet18", "inception_v3"])
 def test_target_stage_fits_torchvision_substitutes(ray_local, image_folder, lenet5_checkpoint,
@@ -394,6 +417,6 @@ def test_target_stage_learns_from_the_pool_when_it_is_decoded_at_the_targets_siz
     out = tmp_path / "run"
     argv = attack_argv(image_folder, out, lenet5_checkpoint[0], "lenet5", serve_port)
     argv[argv.index("--size") + 1] = "28"  # the session's target takes 28 x 28 digits
-    assert main(argv) == 0
+    assert main([*argv, "--learn", "auto"]) == 0
     (row,) = read_json(out / "results.json")
     assert row["learn"] == "pool" and row["queries"] == 20

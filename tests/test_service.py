@@ -366,6 +366,10 @@ def test_a_second_run_with_its_own_ray_gets_its_own_port_and_a_taken_port_is_ref
     Serve holds ``serve_port``. Asked for that port it is refused in one line; left to itself it
     gets another port, and each proxy answers its own application only."""
     service, _, _ = served
+    # the port our proxy holds now (serve_port, unless an earlier test's Serve of this session
+    # started elsewhere first), checked to answer before the child tries it
+    serve_port = int(service.url.split(":")[2].split("/")[0])
+    assert raw(service.url + "/v2/health/ready")[0] == 200
     child = subprocess.Popen([sys.executable, "-c", TWO_RUNS, lenet5_checkpoint[0], str(tmp_path / "j.jsonl"),
                               str(serve_port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

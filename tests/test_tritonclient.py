@@ -1,31 +1,31 @@
 """The target driven by a client nobody here wrote: NVIDIA's ``tritonclient.http`` with its
 defaults (binary tensor data, no request id, binary outputs), gzip/deflate bodies, versioned
-paths, liveness/readiness/metadata, and every error code surfacing with the server's message."""
+paths, liveness/readiness/metadata, and every error code surfacing with the server's message.
+The server is `drmi serve`, started as a user starts it (a subprocess, Ctrl-C at the end)."""
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import start_local_ray
+from conftest import DrmiServe
 from drmi_ray.models import predict
-from drmi_ray.service import start_target, stop_target
+from drmi_ray.service import DEFAULT_MAX_BATCH as MAX_BATCH
 from drmi_ray.target import load_classifier
-
-MAX_BATCH = 64
 
 
 @pytest.fixture(scope="module")
-def triton(lenet5_checkpoint, serve_port, tmp_path_factory):
-    """(the session's LeNet-5 target served with a batch cap, a tritonclient for it, its checkpoint)."""
-    start_local_ray()
+def triton(lenet5_checkpoint, tmp_path_factory):
+    """(the session's LeNet-5 target served by `drmi serve`, a tritonclient for it, its checkpoint)."""
     checkpoint = lenet5_checkpoint[0]
-    journal = str(tmp_path_factory.mktemp("triton") / "journal.jsonl")
-    service = start_target(checkpoint, journal, port=serve_port, app="triton", max_batch=MAX_BATCH)
-    client = httpclient.InferenceServerClient(url=service.url.removeprefix("http://"))
-    yield service, client, checkpoint
-    client.close()
-    stop_target(service)
+    served = DrmiServe(checkpoint, tmp_path_factory.mktemp("triton"))
+    try:
+        client = httpclient.InferenceServerClient(url=served.url.removeprefix("http://"))
+        yield served.service, client, checkpoint
+        client.close()
+        assert served.stop() == 0, served.errors()
+    finally:
+        served.kill()
 
 
 def auth(key):
@@ -114,7 +114,7 @@ def test_every_error_code_surfaces_with_the_servers_one_line_message(triton, dig
     assert status == "400" and "answers 'label' only" in message
     status, message = refusal(infer(tensor=images_input(two, name="input__0")))
     assert status == "400" and "input is 'images'" in message
-    status, message = refusal(infer(images=np.repeat(two, MAX_BATCH, axis=0)))
+    status, message = refusal(infer(images=np.repeat(two, MAX_BATCH // 2 + 1, axis=0)))
     assert status == "413" and f"at most {MAX_BATCH} per request" in message
     client.infer("target", [images_input(two)], request_id="tc-e-0", headers=auth(key))
     status, message = refusal(infer(images=digits[0][2:4], request_id="tc-e-0"))
