@@ -13,13 +13,15 @@ Train's local mode, PGD transfer) once per substitute recipe (``--recipes``):
   (``learn="answers"``, ``augment="none"``);
 - ``new``: ``learn="auto"``, ``augment="auto"`` (opt-in; the default stays ``today``): augmentation, and the
   target's answers spread over the whole unlabeled pool through the MI graph
-  (``drmi_ray/spread.py``).
+  (``drmi_ray/spread.py``);
+- ``pool-only`` (``learn="auto"``, ``augment="none"``) and ``augment-only`` (``learn="answers"``,
+  ``augment="auto"``): the new recipe's halves apart.
 
-Both recipes query the same images (same split, target, methods and seeds; the second run
+The recipes query the same images (same split, target, methods and seeds; the second run
 reuses nothing but is deterministic). Printed per recipe, method and budget: mean and 95% CI
 (Student t over seeds; fewer than 3 seeds: each seed's value) of accuracy, fidelity and
 transfer rate; the paired difference against ``random`` with the same seed and recipe; the
-paired difference new - today for each method; PRADA flags. A paired cell is **bold** when its
+paired difference of each recipe - today for each method; PRADA flags. A paired cell is **bold** when its
 95% CI lies above 0; each table says how many comparisons it holds (no multiplicity
 correction: with 15 cells, about one may clear 0 by chance at 95%). The default rule of issue
 11: paired accuracy CI above 0 at 50, 100 and 200 queries and not wholly below 0 at 400 and 600.
@@ -51,7 +53,9 @@ from drmi_ray.report import MIN_SEEDS_FOR_CI, mean_ci, method_styles, new_run_fo
 METRICS = ("accuracy", "fidelity", "transfer_rate")
 RULE_ABOVE = (50, 100, 200)  # paired accuracy CI must lie above 0 here ...
 RULE_NOT_BELOW = (400, 600)  # ... and must not lie wholly below 0 here
-RECIPES = {"today": {"learn": "answers", "augment": "none"}, "new": {"learn": "auto", "augment": "auto"}}
+RECIPES = {"today": {"learn": "answers", "augment": "none"}, "new": {"learn": "auto", "augment": "auto"},
+           # the new recipe's two halves apart: which one costs the transfer rate
+           "pool-only": {"learn": "auto", "augment": "none"}, "augment-only": {"learn": "answers", "augment": "auto"}}
 
 
 def paired(rows, method, budget, metric, reference="random", *, recipe=None, reference_recipe=None):
@@ -123,11 +127,11 @@ def tables(rows) -> str:
                 out.append(f"  {m}: {status} ({detail}{'; budgets not run: ' + str(missing) if missing else ''})")
         out += _grid(f"\n[{recipe}] PRADA: streams flagged / seeds (earliest flag at query)", methods, budgets,
                      lambda m, b: _flags(cell.get((m, b), [])))
-    if "today" in recipes and "new" in recipes:
+    for recipe in [r for r in recipes if r != "today"] if "today" in recipes else []:
         for metric in METRICS:
-            out += _grid(f"\nnew recipe minus today's, {metric}, paired by method and seed (points; "
+            out += _grid(f"\n{recipe} recipe minus today's, {metric}, paired by method and seed (points; "
                          f"{len(methods) * len(budgets)} comparisons)", methods, budgets,
-                         lambda m, b: pct(paired(rows, m, b, metric, m, recipe="new", reference_recipe="today"),
+                         lambda m, b: pct(paired(rows, m, b, metric, m, recipe=recipe, reference_recipe="today"),
                                           signed=True))
     return "\n".join(out)
 
