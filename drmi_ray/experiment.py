@@ -188,12 +188,6 @@ def acquire_cell(cell, pool_images, mi, client_settings, substitute_config):
     return got.images, got.labels, got.indices, client.answered
 
 
-def check_endpoint(client_settings: dict, images: np.ndarray) -> None:
-    """Before any query: the endpoint answers, has the model, and its input takes ``images``
-    (read from its metadata, sending nothing to infer); a one-line error otherwise."""
-    TargetClient(**client_settings).request_body(images[:1], "check")
-
-
 def endpoint_labels(client_settings: dict, images: np.ndarray, prefix: str) -> tuple[np.ndarray, int]:
     """An outside endpoint's labels for ``images`` (the referee's queries, request ids
     ``{prefix}-N``) and how many images it answered."""
@@ -361,8 +355,10 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
 
     check_config(config)
     out = check_out(out)
+    checked = None
     if config.endpoint.url:  # the endpoint answers and has the model, before anything starts
-        TargetClient(**config.endpoint.client_settings(config.endpoint.keys()[0])).contract()
+        checked = TargetClient(**config.endpoint.client_settings(config.endpoint.keys()[0]))
+        checked.contract()
     setup_logging()
     init_ray()
     fs, out_path = fsspec.core.url_to_fs(out)
@@ -376,7 +372,7 @@ def run_experiment(config: ExperimentConfig, out: str) -> list[dict]:
 
     endpoint = config.endpoint
     if endpoint.url:  # an outside endpoint: the referee asks it for the test split's labels
-        check_endpoint(endpoint.client_settings(endpoint.keys()[0]), data.pool)
+        checked.request_body(data.pool[:1], "check")  # the input takes the pool's images (nothing is sent)
         referee = endpoint.client_settings(endpoint.keys()[1])
         with timings.stage("referee: the endpoint's labels of the test split"):
             target_labels, eval_queries = endpoint_labels(referee, data.test_images, "referee-test")
