@@ -34,8 +34,8 @@ Inputs, all printed with the table:
     bytes per stored MI value (``--bytes-per-value``: 8 by default, the tile store's float64; 4 with
     ``--store-dtype float32``; tiles are written uncompressed).
 
-Pairs the kernels compute: both the numba CPU kernel (``mi.joint_sums_cpu``) and the default GPU
-kernel (``mi.joint_sums_torch`` with ``method="triton"``) compute only the upper triangle u < v of a
+Pairs the kernels compute: both the numba CPU kernel (``mi_cpu.joint_sums_cpu``) and the default GPU
+kernel (``mi_gpu.joint_sums_torch`` with ``method="triton"``) compute only the upper triangle u < v of a
 diagonal tile (``codes_b=None``) and mirror it, so time = pairs (u < v) / rate on either. (The torch
 fallbacks, sort and one-hot, compute a diagonal tile by row chunks, somewhat over half of it; the
 plan assumes the Triton kernel.) The rates are measured on an off-diagonal tile (tile_size² pairs).
@@ -213,8 +213,10 @@ def measure_tile(shape: tuple, tile: int, device=None, repeats: int = 2) -> floa
     local disk), the best of ``repeats`` after a warm-up."""
     import fsspec
 
-    from drmi_ray.matrix import compute_tile, write_tile
-    from drmi_ray.mi import entropy_sums, to_codes
+    from drmi_ray.matrix import compute_tile
+    from drmi_ray.mi import to_codes
+    from drmi_ray.mi_cpu import entropy_sums
+    from drmi_ray.tiles import write_tile
 
     images = natural_like(2 * tile, shape)
     codes = to_codes(images)

@@ -17,9 +17,11 @@ difference). Goal: zero refunds and zero wrong answers.
 
 The MI stage (``compute_mi_matrix``) runs as a driver subprocess with its own Ray. While it runs,
 a thread injects, every ``--fault-interval`` seconds on average: tile deleted, tile truncated, tile
-emptied, bytes of a tile flipped in place, a tile worker killed (only this driver's Ray workers:
-processes whose parent is the raylet below the driver subprocess), or the driver killed (with its
-Ray). A killed or failed driver is restarted; this repeats until one driver finishes with faults
+emptied, bytes of a tile flipped in place, a worker killed while it computes a tile (a worker of
+this driver's own Ray, a child of the raylet below the driver subprocess, whose process title is
+``ray::_tile_task``: idle ``ray::IDLE`` workers are never killed, so each kill counted costs Ray a
+tile in flight and its retry), or the driver killed (with its Ray) once a tile is in flight. A
+killed or failed driver is restarted; this repeats until ``--rounds`` drivers finish with faults
 still being injected (or --max-runs). Then, with faults stopped:
 
 1. every tile is read back through ``TileStore.read_tile``: each read must either raise (the damage
@@ -31,8 +33,9 @@ The reference is ``mi.pairwise_mi`` on each tile's rows and columns (``pairwise_
 the diagonal, ``pairwise_mi(pool[r], pool[c])`` off it), kept as SHA-256 per tile, so a 10k pool
 never needs the dense matrix in memory; it costs about as much as the matrix itself on one core.
 Pools beyond the 5,000 bundled digits are shifted copies (``benchmarks/mi_scale.shifted_pool``).
-Prints faults injected by kind, faults survived, wrong answers (must be 0) and the wall time,
-with the machine (hostname, cores, load at start) and the command of the run.
+Prints faults injected by kind (``kill_worker_mid_tile``: workers killed mid-tile), faults
+survived, wrong answers (must be 0) and the wall time, with the machine (hostname, cores, load at
+start) and the command of the run.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import collections
 import hashlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,8 +59,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from drmi_ray.matrix import TileStore, tile_grid  # noqa: E402
+from drmi_ray.data import bundled_mnist  # noqa: E402
+from drmi_ray.ledger import Ledger, Refused, images_digest, new_operator_key  # noqa: E402
 from drmi_ray.mi import pairwise_mi  # noqa: E402
+from drmi_ray.service_journal import JournalCorrupt  # noqa: E402
+from drmi_ray.tiles import TileStore, tile_grid  # noqa: E402
 from mi_scale import shifted_pool  # noqa: E402
 
 DRIVER = """
@@ -101,13 +108,16 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _tile_workers(driver_pid: int) -> list[int]:
-    """Ray worker processes of this driver's own Ray: children of the raylet below the driver."""
+TILE_TITLE = "ray::_tile_task"  # a Ray worker's title while it runs matrix._tile_task ("ray::IDLE" between)
+
+
+def _busy_tile_workers(driver_pid: int) -> list[int]:
+    """Workers of this driver's own Ray (children of the raylet below the driver) computing a tile
+    now; never idle workers, nor ray::DashboardAgent / ray::RuntimeEnvAgent (the raylet dies with those)."""
     tree = _descendants(driver_pid)
     raylets = [p for p in tree if "raylet" in _cmdline(p).split(" ")[0]]
     parent = _parents()
-    # not ray::DashboardAgent / ray::RuntimeEnvAgent: the raylet dies with those
-    return [p for p, pp in parent.items() if pp in raylets and _cmdline(p).startswith(("ray::_tile_task", "ray::IDLE"))]
+    return [p for p, pp in parent.items() if pp in raylets and _cmdline(p).startswith(TILE_TITLE)]
 
 
 def _kill_tree(pid: int):
@@ -124,9 +134,10 @@ class Chaos(threading.Thread):
         self.store, self.interval, self.rng = store, interval, rng
         self.driver: subprocess.Popen | None = None
         self.may_kill_driver = False
-        self.counts = {k: 0 for k in TILE_FAULTS + ("kill_worker", "kill_driver")}
+        self.counts = {k: 0 for k in TILE_FAULTS + ("kill_worker_mid_tile", "kill_driver")}
         self.stop = threading.Event()
         self.log: list[str] = []
+        self.tile_failures = 0  # "Task _tile_task failed ... retried" lines in the drivers' output: Ray's own count
 
     def run(self):
         while not self.stop.wait(self.rng.expovariate(1 / self.interval)):
@@ -166,13 +177,16 @@ class Chaos(threading.Thread):
                     f.write(bytes([self.rng.randrange(256)]))
             return True
 
-    def _kill_worker(self):
-        if self.driver and self.driver.poll() is None and (workers := _tile_workers(self.driver.pid)):
-            os.kill(self.rng.choice(workers), signal.SIGKILL)
-            return True
+    def _kill_worker_mid_tile(self):
+        if self.driver and self.driver.poll() is None and (workers := _busy_tile_workers(self.driver.pid)):
+            pid = self.rng.choice(workers)
+            if _cmdline(pid).startswith(TILE_TITLE):  # still on its tile (a tile takes far longer than this check)
+                os.kill(pid, signal.SIGKILL)
+                return True
 
-    def _kill_driver(self):  # once its Ray runs tiles, at most once per driver run (so runs progress)
-        if self.driver and self.driver.poll() is None and self.may_kill_driver and _tile_workers(self.driver.pid):
+    def _kill_driver(self):  # once a tile is in flight, at most once per driver run (so runs progress)
+        if (self.driver and self.driver.poll() is None and self.may_kill_driver
+                and _busy_tile_workers(self.driver.pid)):
             self.may_kill_driver = False
             _kill_tree(self.driver.pid)
             return True
@@ -188,7 +202,10 @@ def run_driver(args, store, check=False, chaos: Chaos | None = None) -> int:
         chaos.driver, chaos.may_kill_driver = proc, True
     out = proc.communicate()[0]
     if chaos:
-        print(f"  faults during this run: {', '.join(chaos.log) or 'none'}", flush=True)
+        failures = out.count("Task _tile_task failed")
+        chaos.tile_failures += failures
+        print(f"  faults during this run: {', '.join(chaos.log) or 'none'}; tile tasks Ray reported failed: "
+              f"{failures}", flush=True)
         chaos.log.clear()
     _kill_tree(proc.pid)  # its Ray, if anything is left of it
     lines = [ln for ln in out.splitlines() if ln.startswith(("driver stats", "MI store")) or "Error" in ln]
@@ -202,8 +219,6 @@ JOURNAL_DAMAGES = ("truncate", "truncate_line", "empty", "delete", "flip_last", 
 
 def _ledger_state(ledger, asked):
     """Per key: (spent, {request id: stored answer}) for the requests in ``asked`` (name -> {rid: images})."""
-    from drmi_ray.ledger import Refused, images_digest
-
     state = {}
     for name, requests in asked.items():
         try:
@@ -221,11 +236,6 @@ def _ledger_state(ledger, asked):
 
 def journal_chaos(damages: int, seed: int) -> int:
     """The journal case (module doc); returns the number of refunds and wrong answers."""
-    import shutil
-
-    from drmi_ray.data import bundled_mnist
-    from drmi_ray.ledger import JournalCorrupt, Ledger, new_operator_key
-
     rng, images = random.Random(seed), bundled_mnist()[0]
     service, operator = {"checkpoint_sha256": "ab" * 32, "output": "label", "decimals": None}, new_operator_key()
     folder = tempfile.mkdtemp(prefix="drmi-journal-chaos-")
@@ -318,8 +328,6 @@ def journal_chaos(damages: int, seed: int) -> int:
 
 
 def _go(ledger, name, rid, batch):
-    from drmi_ray.ledger import images_digest
-
     digest = images_digest(batch)
     assert ledger.begin(name, rid, len(batch), digest)[0] == "go"
     labels = [int(x) % 10 for x in batch.reshape(len(batch), -1).sum(1)]
@@ -372,7 +380,10 @@ def main(argv=None):
     chaos.stop.set()
     chaos.join()
     injected = sum(chaos.counts.values())
-    print(f"chaos over after {runs} driver runs ({finished} finished under chaos); faults {chaos.counts}", flush=True)
+    print(f"chaos over after {runs} driver runs ({finished} finished under chaos); faults by kind {chaos.counts}; "
+          f"workers killed while computing a tile: {chaos.counts['kill_worker_mid_tile']} (idle workers are never "
+          f"killed), tile tasks Ray reported failed: {chaos.tile_failures} (a driver killed soon after may not print "
+          "its last)", flush=True)
 
     wrong, detected, fine = 0, 0, 0
     reader = TileStore(store)

@@ -4,6 +4,7 @@ budgets x seeds x recipes on the bundled protocol, paired by seed, with CIs.
     python benchmarks/efficacy.py                                 # the reported grid
     python benchmarks/efficacy.py --split-seed 0 --seed-offset 100 --seeds 3   # a tuning run
     python benchmarks/efficacy.py --from runs/efficacy-...        # re-print a finished run's tables
+    python benchmarks/efficacy.py --from RUN1,RUN2                # the cells of two runs of one split together
 
 Runs the real experiment (``drmi_ray.experiment.run_experiment``: a trained target behind its
 HTTP API, every query counted, PRADA watching each cell's stream, substitutes fitted in Ray
@@ -11,11 +12,11 @@ Train's local mode, PGD transfer) once per substitute recipe (``--recipes``):
 
 - ``today``: the substitute learns from its K answers alone, no augmentation
   (``learn="answers"``, ``augment="none"``);
-- ``new``: ``learn="auto"``, ``augment="auto"`` (opt-in; the default stays ``today``): augmentation, and the
-  target's answers spread over the whole unlabeled pool through the MI graph
-  (``drmi_ray/spread.py``);
-- ``pool-only`` (``learn="auto"``, ``augment="none"``) and ``augment-only`` (``learn="answers"``,
-  ``augment="auto"``): the new recipe's halves apart.
+- ``pool-only`` (``learn="auto"``, ``augment="none"``): the target's answers spread over the whole
+  unlabeled pool through the MI graph (``drmi_ray/spread.py``); the recipe that passed with LeNet-5
+  substitutes (README), opt-in;
+- ``new``: ``learn="auto"``, ``augment="auto"``: the pool and augmentation;
+- ``augment-only`` (``learn="answers"``, ``augment="auto"``).
 
 The recipes query the same images (same split, target, methods and seeds; the second run
 reuses nothing but is deterministic). Printed per recipe, method and budget: mean and 95% CI
@@ -215,21 +216,30 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="2000,2000,1000",
                    help="target training set, attacker pool, test split (of the 5,000 bundled digits)")
     p.add_argument("--substitute", default="lenet5", help="substitute model (lenet5: a fit costs seconds, not a minute)")
-    p.add_argument("--out", help="run folder (default: a new folder under runs/)")
-    p.add_argument("--from", dest="previous", help="print the tables of a finished run folder instead of running")
+    p.add_argument("--out", help="run folder (default: a new folder under runs/); with --from: where the combined "
+                                 "rows, machine lines and plot go")
+    p.add_argument("--from", dest="previous",
+                   help="print the tables of finished run folders instead of running (comma-separated: the cells of "
+                        "several runs of the same split together; the runs are deterministic, so a cell run twice is "
+                        "the same row)")
     args = p.parse_args(argv)
 
     if args.previous:
-        out = args.previous
-        with open(os.path.join(out, "results.json")) as f:
-            rows = json.load(f)
-        machine_file = os.path.join(out, "machine.txt")
-        if os.path.exists(machine_file):
-            with open(machine_file) as f:
-                machine = f.read().strip()
-        else:
-            machine = "machine and command not recorded (no machine.txt in the run folder)"
-        wall = None
+        rows, machines, seen = [], [], set()
+        for folder in args.previous.split(","):  # several runs of one split: their cells together
+            with open(os.path.join(folder, "results.json")) as f:
+                for r in json.load(f):
+                    key = (r.get("recipe", "today"), r["method"], r["budget"], r["seed"])
+                    if key not in seen:  # a cell in two runs: the first run's row (both are the same)
+                        seen.add(key)
+                        rows.append(r)
+            machine_file = os.path.join(folder, "machine.txt")
+            if os.path.exists(machine_file):
+                with open(machine_file) as f:
+                    machines.append(f.read().strip())
+            else:
+                machines.append(f"{folder}: machine and command not recorded (no machine.txt in the run folder)")
+        out, machine, wall = args.previous.split(",")[0], "\n".join(machines), None
     else:
         from drmi_ray.experiment import run_experiment
 
@@ -258,6 +268,13 @@ def main(argv=None) -> int:
             f.write(machine + "\n")
     print(f"\nrun folder: {out}\n{machine}")
     print(tables(rows))
+    if args.previous and args.out:  # the combined tables' plot and rows go to their own folder
+        out = args.out
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(os.path.join(out, "machine.txt"), "w") as f:
+            f.write(f"{machine}\ncombined by `python benchmarks/efficacy.py --from {args.previous} --out {out}`\n")
     plot(rows, os.path.join(out, "efficacy.png"))
     print(f"\nplot: {os.path.join(out, 'efficacy.png')}")
     if wall is not None:

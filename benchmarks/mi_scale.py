@@ -36,8 +36,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from drmi_ray.data import bundled_mnist  # noqa: E402
-from drmi_ray.matrix import DEFAULT_TILE_SIZE, DTYPES, TileStore, compute_mi_matrix, compute_tile  # noqa: E402
-from drmi_ray.mi import LEVELS, entropy_sums, joint_sums_cpu, pairwise_mi, to_codes  # noqa: E402
+from drmi_ray.matrix import DEFAULT_TILE_SIZE, compute_mi_matrix, compute_tile  # noqa: E402
+from drmi_ray.mi import LEVELS, pairwise_mi, to_codes  # noqa: E402
+from drmi_ray.mi_cpu import entropy_sums, joint_sums_cpu  # noqa: E402
+from drmi_ray.tiles import DTYPES, TileStore  # noqa: E402
 
 SHIFTS = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if (dy, dx) != (0, 0)]
 
@@ -174,7 +176,7 @@ def main():
             sys.exit("--gpu: no CUDA device")
         where += f", {torch.cuda.get_device_name()}"
     refs = references(tile_size, args.gpu)
-    kernel = "GPU kernel (mi.joint_sums_torch, auto)" if args.gpu else f"numba CPU kernel, {refs['threads']} threads"
+    kernel = "GPU kernel (mi_gpu.joint_sums_torch, auto)" if args.gpu else f"numba CPU kernel, {refs['threads']} threads"
     print(f"machine: {where}; load average {os.getloadavg()[0]:.1f}")
     print(f"reference timed here: {kernel} on one {tile_size}x{tile_size} off-diagonal tile in the driver "
           f"(no Ray, no store): {refs['kernel']:,.0f} pairs/s")

@@ -8,9 +8,10 @@ process on the same machine (one run; every row names the machine).
 
 CPU table: ratios against sklearn's ``mutual_info_score`` timed here. GPU table, for three pools at
 256 levels: the Triton kernel ("triton", the default on CUDA), the earlier Triton kernel that sorts
-all d keys per pair ("triton-sort") and the numba CPU kernel on all this machine's cores, all on the
-same images; ratios against triton-sort and against the CPU kernel. The machine may be shared:
-compare the ratios, which come from one process and the same images.
+all d keys per pair ("triton-sort", kept for this comparison in ``mi_kernels_compared.py`` beside this
+script) and the numba CPU kernel on all this machine's cores, all on the same images; ratios against
+triton-sort and against the CPU kernel. The machine may be shared: compare the ratios, which come
+from one process and the same images.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from drmi_ray.mi import (LEVELS, joint_sums_cpu, joint_sums_torch, mi_block, pairwise_mi,  # noqa: E402
-                         to_codes)
+from drmi_ray.mi import LEVELS, mi_block, pairwise_mi, to_codes  # noqa: E402
+from drmi_ray.mi_cpu import clogc_table, joint_sums_cpu  # noqa: E402
+from drmi_ray.mi_gpu import joint_sums_torch, joint_sums_triton  # noqa: E402
 
 
 def load_digits(path=None):
@@ -141,6 +143,8 @@ def cpu_table(images, args, where):
 
 def gpu_exactness(pools, dev, n):
     """Every GPU method against the CPU kernel, bit for bit, rectangular and self blocks of n images."""
+    from mi_kernels_compared import joint_sums_triton_sort  # needs triton: the --gpu part only
+
     exact = True
     for name, _, images in pools:
         same = True
@@ -150,7 +154,9 @@ def gpu_exactness(pools, dev, n):
             for a, b in ((codes[:n // 3], codes[n // 3:]), (codes, None)):
                 cpu = joint_sums_cpu(a, b, bins)
                 for method in ("triton", "triton-sort", "sort-search"):
-                    if not np.array_equal(joint_sums_torch(a, b, bins, device=dev, method=method), cpu):
+                    got = (joint_sums_triton_sort(a, b, bins, device=dev) if method == "triton-sort"
+                           else joint_sums_torch(a, b, bins, device=dev, method=method))
+                    if not np.array_equal(got, cpu):
                         same = False
                         print(f"DIFFERS: {name}, bins={bins}, {method}, {'self' if b is None else 'rectangular'}")
         print(f"  {name}: triton, triton-sort, sort-search == numba CPU kernel at bins 256 and 7, "
@@ -161,8 +167,7 @@ def gpu_exactness(pools, dev, n):
 
 def gpu_table(pools, args, where):
     import torch
-
-    from drmi_ray import mi
+    from mi_kernels_compared import joint_sums_triton_sort  # needs triton: the --gpu part only
 
     dev = args.device
 
@@ -170,10 +175,12 @@ def gpu_table(pools, args, where):
         def call():
             if kw:  # a num_warps sweep calls the launcher itself
                 a = torch.as_tensor(x, device=dev)
-                table = torch.as_tensor(mi.clogc_table(a.shape[1]), device=dev)
+                table = torch.as_tensor(clogc_table(a.shape[1]), device=dev)
                 out = torch.zeros((len(x), len(y)), dtype=torch.int64, device=dev)
-                mi._joint_sums_triton(a, torch.as_tensor(y, device=dev), bins, table,
-                                      torch.diff(table, prepend=table[:1]), out, **kw)
+                joint_sums_triton(a, torch.as_tensor(y, device=dev), bins, table,
+                                  torch.diff(table, prepend=table[:1]), out, **kw)
+            elif method == "triton-sort":
+                joint_sums_triton_sort(x, y, bins, device=dev)
             else:
                 joint_sums_torch(x, y, bins, device=dev, method=method)
             if dev == "cuda":

@@ -286,13 +286,14 @@ def check_run(run: str, target, max_batch: int) -> dict:
 
     from drmi_ray.attack import transfer
     from drmi_ray.config import ExperimentConfig
-    from drmi_ray.experiment import cell_name, load_data
+    from drmi_ray.experiment import cell_name
+    from drmi_ray.pools import load_data
     from drmi_ray.runtime import use_cpus
     from drmi_ray.substitute import evaluate
 
     use_cpus(1)
     config = ExperimentConfig.load(os.path.join(run, "config.json"))
-    data = load_data(config)
+    data = load_data(config.pool)
     rows, eval_queries, target_accuracy = stated(run)
 
     def answer(images):

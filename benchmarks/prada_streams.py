@@ -3,7 +3,7 @@
     python benchmarks/prada_streams.py [--methods all] [--budgets 200,400,600] [--seeds 5]
 
 The pool is the bundled protocol's 2,000 digits in their seeded random order (not the file's
-class order), and each method sends its queries in its own natural order (``baselines``'
+class order), and each method sends its queries in its own natural order (``acquisition``'
 docstring). A target (C3F2, as in the default run) answers every query; a PRADA detector
 (``prada.PradaDetector``, delta 0.95, as the target's ledger runs one per API key) watches each
 stream. Only selection
@@ -22,9 +22,9 @@ import sys
 import tempfile
 import time
 
-from drmi_ray.baselines import METHODS, MI_METHODS, acquire
+from drmi_ray.acquisition import METHODS, MI_METHODS, acquire
 from drmi_ray.config import ExperimentConfig
-from drmi_ray.experiment import load_data
+from drmi_ray.pools import load_data
 from drmi_ray.mi import pairwise_mi
 from drmi_ray.models import TrainConfig, predict
 from drmi_ray.prada import PradaDetector
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                f"run `{command}` started {time.strftime('%Y-%m-%d %H:%M:%S')}")
     start = time.perf_counter()
     config = ExperimentConfig()
-    data = load_data(config)
+    data = load_data(config.pool)
     checkpoint = args.target
     if checkpoint is None:
         checkpoint = os.path.join(tempfile.mkdtemp(prefix="drmi-prada-"), "target.pt")

@@ -1,223 +1,48 @@
-"""Configuration as data: one dataclass per stage, gathered in ExperimentConfig.
+"""Configuration as data: one dataclass per stage, gathered in ``ExperimentConfig`` (``drmi run``)
+and ``ReduceConfig`` (``drmi reduce`` and the jobs).
 
-The CLI builds an ExperimentConfig, and every run folder holds it as ``config.json``, so a run
-can be repeated from its own folder (``drmi run --config RUN/config.json``).
+Each run's settings check themselves (``check``: one-line errors naming the flag, before any work)
+and every run folder holds them as ``config.json``, so a run can be repeated from its own folder
+(``drmi run --config RUN/config.json``, ``drmi reduce --config RUN/config.json``). The CLI's
+flags, their types, defaults and choices (``CHOICES``) come from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 
+import fsspec
+
 from drmi_ray.attack import AttackConfig
-from drmi_ray.data import MAX_PIXELS, TORCHVISION_SOURCES
-from drmi_ray.models import TrainConfig
+from drmi_ray.acquisition import METHODS
+from drmi_ray.checks import (ATTACK_FLAGS, MAX_SIZE, SEED_MAX, SUBSTITUTE_FLAGS, check_attack, check_bool,
+                             check_checkpoint, check_choice, check_exists, check_int, check_number, check_source,
+                             check_train, pool_images)
+from drmi_ray.data import MAX_PIXELS
+from drmi_ray.images import MIN_SIDE
+from drmi_ray.mi import COLOR_MODES, LEVELS
+from drmi_ray.matrix import DTYPES
+from drmi_ray.models import AUGMENTS, MODEL_NAMES, TrainConfig
+from drmi_ray.service_protocol import OUTPUTS
+from drmi_ray.spread import LEARN_MODES
 
 
 PROTOCOLS = ("bundled-mnist", "paper-mnist", "paper-cifar10")
-BUNDLED_IMAGES = 5000  # the bundled MNIST digits (drmi_ray.data.bundled_mnist)
 PAPER_HELD_OUT = 10000  # torchvision MNIST / CIFAR-10 test sets: the paper's pool + test split
-TORCHVISION_IMAGES = {"mnist": 60000, "mnist-test": 10000, "cifar10": 50000, "cifar10-test": 10000}
-
-
-# --------------------------------------------------------------------------- checks at the door
-# Used by experiment.check_config and reduce.check_config. ``option`` is what the user typed (the
-# CLI flag, or the config.json key when there is no flag); every message is one line with the fix.
-
-def check_int(option: str, value, *, minimum: int = 1, maximum: int | None = None, none_ok: bool = False,
-              fix: str = "") -> None:
-    """``value`` is an int (not a bool) in ``minimum..maximum``, or None when ``none_ok``."""
-    import numbers
-
-    if value is None and none_ok:
-        return
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
-    if ok and maximum is not None:
-        ok = value <= maximum
-    if not ok:
-        if minimum == 1:
-            want = "a positive integer" + (f" up to {maximum:,}" if maximum is not None else "")
-        else:
-            want = f"an integer in {minimum}..{maximum:,}" if maximum is not None else f"an integer >= {minimum}"
-        raise ValueError(f"{option} must be {want}, got {value!r}" + (f"; {fix}" if fix else ""))
-
-
-def check_number(option: str, value, *, above: float | None = None, at_least: float | None = None,
-                 at_most: float | None = None, none_ok: bool = False, fix: str = "") -> None:
-    """``value`` is a finite real number (not a bool, NaN or infinity) with ``value > above``, ``>= at_least``,
-    ``<= at_most``, or None when ``none_ok``."""
-    import math
-    import numbers
-
-    if value is None and none_ok:
-        return
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
-    ok = ok and (at_most is None or value <= at_most)
-    if not ok:
-        lower = f"> {above:g}" if above is not None else f">= {at_least:g}" if at_least is not None else ""
-        upper = f"<= {at_most:g}" if at_most is not None else ""
-        want = " and ".join(x for x in (lower, upper) if x) or "a number"
-        raise ValueError(f"{option} must be a number {want}, got {value!r}" + (f"; {fix}" if fix else ""))
-
-
-def check_choice(option: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{option} must be one of {', '.join(map(str, choices))}, got {value!r}")
-
-
-def check_exists(option: str, url: str | None, what: str) -> None:
-    """``url`` (a path or fsspec URL) exists; None passes."""
-    if url is None:
-        return
-    import fsspec
-
-    if not isinstance(url, str) or not url:
-        raise ValueError(f"{option} must be a path or URL of {what}, got {url!r}")
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        raise ValueError(f"{option} {url} does not exist; give the path or URL of {what}")
-
-
-def check_out(out: str, option: str = "--out") -> str:
-    """Make sure the run folder ``out`` (a path or fsspec URL) can be created and written: create it
-    and write and remove a probe file. Returns ``out`` without a trailing slash; a file in its
-    place or an unwritable location is a one-line ValueError naming ``option``."""
-    import os
-    import uuid
-
-    import fsspec
-
-    if not isinstance(out, str) or not out.strip("/"):
-        raise ValueError(f"{option} must be a folder path or fsspec URL, got {out!r}")
-    out = out.rstrip("/")
-    try:
-        fs, path = fsspec.core.url_to_fs(out)
-        if fs.isfile(path):
-            raise ValueError(f"{option} {out} is a file, not a folder; give a folder path (new or existing)")
-        fs.makedirs(path, exist_ok=True)
-        probe = f"{path}/.drmi-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        fs.pipe_file(probe, b"ok")
-        fs.rm(probe)
-    except OSError as err:  # PermissionError, NotADirectoryError, FileExistsError, ...
-        reason = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{option} {out} cannot be created or written ({reason}); "
-                         "choose a folder you can write to") from err
-    return out
-
-
-def check_source(option: str, source: str, *, download: bool) -> None:
-    """A pool source (see drmi_ray.data.load_pool) that can be read: a known name, a torchvision
-    root that exists (or ``download``), or an existing ImageFolder / Parquet URL."""
-    if not isinstance(source, str) or not source:
-        raise ValueError(f"{option} must be bundled-mnist, mnist:ROOT, cifar10:ROOT or a URL, got {source!r}")
-    if source == "bundled-mnist":
-        return
-    name, sep, root = source.partition(":")
-    if sep and name in TORCHVISION_SOURCES:
-        if not download:
-            check_exists(option, root or ".", f"the torchvision {name} data (or pass --download)")
-        return
-    check_exists(option, source, "the pool (an ImageFolder tree or Parquet shards)")
-
-
-SEED_MAX = 2**32 - 1  # seeds: numpy's and torch's common range
-MAX_SIZE = 4096  # --size: a 4096 x 4096 RGB image is 50 MB decoded
-# the training (models.TrainConfig) and PGD (attack.AttackConfig) settings' bounds: (least, most)
-TRAIN_BOUNDS = {"epochs": (1, 10_000), "min_steps": (0, 10_000_000), "batch_size": (1, 65_536),
-                "num_classes": (2, 100_000), "seed": (0, SEED_MAX)}
-ATTACK_BOUNDS = {"steps": (0, 100_000), "batch_size": (1, 65_536), "seed": (0, SEED_MAX)}
-# drmi reduce's flags for them (other fields have no flag)
-SUBSTITUTE_FLAGS = {"model": "--substitute", "epochs": "--epochs", "min_steps": "--min-steps",
-                    "batch_size": "--train-batch"}
-ATTACK_FLAGS = {"eps": "--eps", "steps": "--pgd-steps"}
-
-
-def check_train(settings: dict, option) -> None:
-    """Bounds of a classifier's training settings (``models.TrainConfig`` fields; those absent from
-    ``settings`` are not checked). A dict, so the CLI can check its flags before the dataclass,
-    which names no flag, refuses them. ``option(field)``: what the user typed for ``field``."""
-    from drmi_ray.models import MODEL_NAMES
-
-    if "model" in settings:
-        check_choice(option("model"), settings["model"], MODEL_NAMES)
-    for name, (least, most) in TRAIN_BOUNDS.items():
-        if name in settings:
-            check_int(option(name), settings[name], minimum=least, maximum=most)
-    if "lr" in settings:
-        check_number(option("lr"), settings["lr"], above=0, at_most=10)
-    if "weight_decay" in settings:
-        check_number(option("weight_decay"), settings["weight_decay"], at_least=0, at_most=10)
-    if "augment" in settings:
-        from drmi_ray.models import AUGMENTS
-
-        check_choice(option("augment"), settings["augment"], AUGMENTS)
-
-
-def check_attack(settings: dict, option) -> None:
-    """Bounds of PGD's settings (``attack.AttackConfig`` fields), as ``check_train``."""
-    if "eps" in settings:
-        check_number(option("eps"), settings["eps"], at_least=0, at_most=1, fix="pixels are in [0, 1]")
-    if "step_size" in settings:
-        check_number(option("step_size"), settings["step_size"], above=0, at_most=1)
-    for name, (least, most) in ATTACK_BOUNDS.items():
-        if name in settings:
-            check_int(option(name), settings[name], minimum=least, maximum=most)
-    if "random_start" in settings:
-        check_bool(option("random_start"), settings["random_start"])
-
-
-def check_bool(option: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{option} must be true or false, got {value!r}")
-
-
-def check_checkpoint(option: str, url: str | None) -> None:
-    """``url`` (a path or fsspec URL) is a target checkpoint ``target.load_checkpoint`` reads; None passes."""
-    if url is None:
-        return
-    import fsspec
-
-    from drmi_ray.target import load_checkpoint
-
-    check_exists(option, url, "a target checkpoint (.pt)")
-    try:
-        with fsspec.open(url, "rb") as f:
-            load_checkpoint(f)
-    except (OSError, ValueError):  # not a torch file, pickled objects, keys missing
-        raise ValueError(f"{option} {url} is not a target checkpoint (target.load_checkpoint refuses it); "
-                         "give a .pt written by drmi run or target.train_target") from None
-
-
-def check_address(option: str, address: str | None) -> None:
-    """A Ray address ``ray.init`` takes: auto, local, HOST:PORT or ray://HOST:PORT; None passes."""
-    import re
-
-    if address is None or address in ("auto", "local"):
-        return
-    match = re.fullmatch(r"(ray://)?([\w.-]+|\[[0-9a-fA-F:]+\]):(\d+)", str(address))
-    if not match or not 1 <= int(match[3]) <= 65535:
-        raise ValueError(f"{option} must be auto, local, HOST:PORT or ray://HOST:PORT, got {address!r}")
-
-
-def pool_images(source: str) -> int:
-    """How many images a pool source (``data.load_pool``'s forms) holds: known for the named
-    sources, the listing's file count (before decoding) for a URL."""
-    if source == "bundled-mnist":
-        return BUNDLED_IMAGES
-    name, sep, _ = source.partition(":")
-    if sep and name in TORCHVISION_IMAGES:
-        return TORCHVISION_IMAGES[name]
-    from drmi_ray.ingest import list_pool
-
-    return list_pool(source).n_files
+PARTITIONS = ("kmeans", "label", "none")  # drmi reduce: see reduce.partition_pool
+# the choices of the settings that have them, by their path in ExperimentConfig or ReduceConfig
+CHOICES = {"pool.protocol": PROTOCOLS, "substitute.model": MODEL_NAMES, "substitute.augment": AUGMENTS,
+           "mi.color": COLOR_MODES, "target.output": OUTPUTS, "learn": LEARN_MODES, "partition": PARTITIONS,
+           "store_dtype": DTYPES}
 
 
 @dataclass
 class PoolConfig:
-    protocol: str = "bundled-mnist"  # settings: apply_protocol below; the split: experiment.load_data
-    source: str = "bundled-mnist"  # see drmi_ray.data.load_pool
+    protocol: str = "bundled-mnist"  # settings: apply_protocol below; the split: pools.load_data
+    source: str = "bundled-mnist"  # see drmi_ray.pools.load_pool
     target_train: int = 2000  # images the target is trained on (the attacker never sees them)
     pool: int = 2000  # the attacker's unlabeled pool
     test: int = 1000  # held-out truth for accuracy, fidelity and transfer
@@ -281,8 +106,6 @@ class EndpointConfig:
 
     def keys(self) -> tuple[str, str]:
         """The attack's and the referee's API keys; a one-line ValueError when there is none."""
-        import os
-
         key = self.api_key or os.environ.get(API_KEY_ENV)
         if not key:
             raise ValueError(f"--target-url needs an API key: pass --api-key KEY or set {API_KEY_ENV}")
@@ -312,27 +135,18 @@ class EndpointConfig:
         return {**dataclasses.asdict(self), "api_key": None, "eval_api_key": None}
 
 
-@dataclass
-class ExperimentConfig:
-    pool: PoolConfig = field(default_factory=PoolConfig)
-    mi: MIConfig = field(default_factory=MIConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    target: TargetConfig = field(default_factory=TargetConfig)
-    substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="c3f2"))
-    # substitutes learn from "answers", the whole "pool" (spread answers) or "auto" (spread.use_pool);
-    # "answers" and no augmentation by default: their PGD examples transfer best (README, "Does the pool?")
-    learn: str = "answers"
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    substitute_workers: int = 1  # Ray Train workers per substitute fit; 0 = Train's local mode
-    substitute_gpu: bool = False  # fit substitutes on GPUs (each worker takes one)
-    endpoint: EndpointConfig = field(default_factory=EndpointConfig)  # attack an outside endpoint instead
+class RunSettings:
+    """What both runs' settings (``ExperimentConfig``, ``ReduceConfig``) share: dumped to and loaded
+    from the run folder's ``config.json`` the same way (``--config``), API keys never written."""
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "endpoint": self.endpoint.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ExperimentConfig":
+    def from_dict(cls, data: dict):
         def build(kind, values):
+            if not isinstance(values, dict):
+                raise ValueError(f"{kind.__name__} settings must be a JSON object, got {type(values).__name__}")
             kwargs = {}
             for f in dataclasses.fields(kind):
                 if f.name not in values:
@@ -352,11 +166,99 @@ class ExperimentConfig:
         return build(cls, data)
 
     @classmethod
-    def load(cls, path: str) -> "ExperimentConfig":
-        import fsspec
-
+    def load(cls, path: str):
         with fsspec.open(path, "r") as f:
             return cls.from_dict(json.load(f))
+
+
+@dataclass
+class ExperimentConfig(RunSettings):
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    mi: MIConfig = field(default_factory=MIConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="c3f2"))
+    # substitutes learn from "answers", the whole "pool" (spread answers) or "auto" (spread.use_pool);
+    # "answers" and no augmentation by default: C3F2 substitutes gain nothing from the pool, LeNet-5 ones
+    # do (README, "Does the selection beat random? Does the pool?")
+    learn: str = "answers"
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    substitute_workers: int = 1  # Ray Train workers per substitute fit; 0 = Train's local mode
+    substitute_gpu: bool = False  # fit substitutes on GPUs (each worker takes one)
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)  # attack an outside endpoint instead
+
+    def check(self) -> None:
+        """Refuse a configuration that cannot run, before any work is done (no Ray, no image decoded;
+        a pool URL is listed to bound the splits by its image count).
+
+        Each refusal is a ValueError of one line naming the ``drmi run`` flag (or, for settings with
+        no flag, the ``self.json`` key) and the fix.
+        """
+        pc, sel, tc = self.pool, self.selection, self.target
+        unknown = [m for m in sel.methods if m not in METHODS]
+        if isinstance(sel.methods, str) or not sel.methods or unknown:
+            raise ValueError(f"--methods: unknown method(s) {unknown or list(sel.methods)}; "
+                             f"choose from {', '.join(METHODS)} (or 'all')")
+        if not sel.budgets or isinstance(sel.budgets, str):
+            raise ValueError(f"--budgets must list at least one budget, like 50,100,200; got {sel.budgets!r}")
+        for budget in sel.budgets:
+            check_int("--budgets", budget, minimum=2, fix="each budget must be at least 2 queries")
+        check_int("--seeds", sel.seeds, maximum=1_000, fix="give the number of seeds per (method, budget) cell")
+        check_int("selection.first_seed (self.json)", sel.first_seed, minimum=0, maximum=SEED_MAX)
+        # pool and splits
+        check_choice("--protocol", pc.protocol, PROTOCOLS)
+        check_int("--pool-size", pc.pool, maximum=10**8)
+        check_int("--test-size", pc.test, maximum=10**8)
+        check_int("pool.target_train (self.json)", pc.target_train, maximum=10**8)
+        check_int("pool.split_seed (self.json)", pc.split_seed, minimum=0, maximum=SEED_MAX)
+        check_int("pool.size (self.json)", pc.size, minimum=MIN_SIDE, maximum=MAX_SIZE, none_ok=True)
+        check_bool("--download", pc.download)
+        if max(sel.budgets) > pc.pool:
+            raise ValueError(f"--budgets: budget {max(sel.budgets)} is larger than the attacker's pool ({pc.pool} images); "
+                             "lower the budget or enlarge the pool with --pool-size")
+        check_source("--pool", pc.source, download=pc.download)
+        if pc.protocol.startswith("paper-"):
+            if pc.pool + pc.test > PAPER_HELD_OUT:
+                raise ValueError(f"--pool-size {pc.pool} + --test-size {pc.test} exceed the {PAPER_HELD_OUT} held-out "
+                                 "images of the paper protocols; lower them")
+        else:
+            n = pool_images(pc.source)  # a URL is listed
+            if pc.target_train + pc.pool + pc.test > n:
+                raise ValueError(f"--pool-size {pc.pool} + --test-size {pc.test} + {pc.target_train} target training "
+                                 f"images exceed the {n:,} images of {pc.source}; lower --pool-size or --test-size")
+        # MI
+        check_int("--bins", self.mi.bins, minimum=2, maximum=LEVELS, fix="give the grey levels per pixel (default 256)")
+        check_choice("--color", self.mi.color, COLOR_MODES)
+        # the target
+        check_checkpoint("--target", tc.checkpoint)
+        self.endpoint.check()
+        if self.endpoint.url:
+            if tc.checkpoint:
+                raise ValueError("--target and --target-url: give one (a checkpoint we serve, or an endpoint to attack)")
+            cells = len(sel.methods) * len(sel.budgets) * sel.seeds
+            most = pc.test * (1 + cells)  # the test split once, then each substitute's adversarial examples
+            if self.endpoint.eval_budget is not None and self.endpoint.eval_budget < most:
+                raise ValueError(f"--eval-budget {self.endpoint.eval_budget}: the referee may need {most} queries (the "
+                                 f"{pc.test} test images, then up to {pc.test} adversarial examples for each of {cells} "
+                                 "substitutes); raise it, or lower --test-size")
+        check_number("--rate-limit", tc.rate_limit, above=0, at_most=1e9, none_ok=True,
+                     fix="give images/s, or leave the flag out for no limit")
+        check_number("--burst", tc.burst, above=0, at_most=1e9, fix="give how many images may pass at once (default 1)")
+        check_int("--target-replicas", tc.replicas, maximum=256)
+        check_int("--serve-port", tc.port, minimum=1, maximum=65535, none_ok=True)
+        check_choice("--output", tc.output, OUTPUTS)
+        check_int("target.decimals (self.json)", tc.decimals, minimum=0, maximum=10)
+        check_number("target.prada_delta (self.json)", tc.prada_delta, above=0, at_most=1, none_ok=True,
+                     fix="use --no-prada to switch the detector off")
+        check_train(dataclasses.asdict(tc.train), lambda f: f"target.train.{f} (self.json)")
+        # substitutes and PGD
+        check_train(dataclasses.asdict(self.substitute),
+                    lambda f: "--substitute" if f == "model" else f"substitute.{f} (self.json)")
+        check_attack(dataclasses.asdict(self.attack), lambda f: f"attack.{f} (self.json)")
+        check_choice("--learn", self.learn, LEARN_MODES)
+        check_int("--substitute-workers", self.substitute_workers, minimum=0, maximum=1_024,
+                  fix="0 fits in Ray Train's local mode")
+        check_bool("substitute_gpu (self.json)", self.substitute_gpu)
 
 
 def apply_protocol(config: ExperimentConfig, protocol: str, root: str = "data") -> ExperimentConfig:
@@ -397,11 +299,11 @@ def quick(config: ExperimentConfig) -> ExperimentConfig:
 
 
 @dataclass
-class ReduceConfig:
+class ReduceConfig(RunSettings):
     """``drmi reduce`` / ``jobs/imagenet.py`` / ``jobs/cifar10.py``: pool -> the K least redundant
     images (``selection.json``), and optionally query/fit/attack with them (``target`` set)."""
 
-    data: str = "bundled-mnist"  # see drmi_ray.data.load_pool: a name or an ImageFolder / Parquet URL
+    data: str = "bundled-mnist"  # see drmi_ray.pools.load_pool: a name or an ImageFolder / Parquet URL
     budget: int = 100  # K, the images selected (and queried, with a target)
     size: int | None = None  # decode image files to size x size (None: their own size, all equal)
     rgb: bool = False  # decode image files as RGB (default grey)
@@ -433,5 +335,46 @@ class ReduceConfig:
     substitute_gpu: bool = False
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)  # query an outside endpoint instead of target
 
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "endpoint": self.endpoint.to_dict()}
+    def check(self) -> None:
+        """Refuse settings that cannot run, before any work (no Ray, no image decoded): one-line
+        ValueErrors naming the ``drmi reduce`` flag and the fix. A pool URL is listed (not decoded)
+        to bound --budget, --pool-size and --clusters by its image count."""
+        check_int("--budget", self.budget, maximum=10**9, fix="give K, the number of images to select")
+        bounds = {"tile_size": 16_384, "max_in_flight": 10_000, "parallel_partitions": 1_000, "dense_max": 50_000,
+                  "num_actors": 1_024, "batch_files": 100_000, "max_pixels": 10**9, "test_size": 10**7}
+        for name, most in bounds.items():
+            check_int("--" + name.replace("_", "-"), getattr(self, name), maximum=most)
+        check_int("--size", self.size, minimum=MIN_SIDE, maximum=MAX_SIZE, none_ok=True,
+                  fix=f"images are decoded to SIZE x SIZE; smaller than {MIN_SIDE} leaves nothing to compare")
+        check_int("--pool-size", self.pool_size, maximum=10**9, none_ok=True)
+        check_int("--clusters", self.clusters, maximum=100_000, none_ok=True)
+        if self.pool_size is not None and self.budget > self.pool_size:
+            raise ValueError(f"--budget {self.budget} is larger than --pool-size {self.pool_size}; lower the budget or "
+                             "enlarge the pool")
+        check_int("--seed", self.seed, minimum=0, maximum=SEED_MAX)
+        check_int("--serve-port", self.serve_port, minimum=1, maximum=65535, none_ok=True)
+        check_choice("--partition", self.partition, PARTITIONS)
+        check_choice("--store-dtype", self.store_dtype, DTYPES)
+        check_number("--gpus-per-tile", self.gpus_per_tile, at_least=0, at_most=16, fix="0 computes MI tiles on CPUs")
+        check_int("--bins", self.mi.bins, minimum=2, maximum=LEVELS, fix="give the grey levels per pixel (default 256)")
+        check_choice("--color", self.mi.color, COLOR_MODES)
+        check_choice("--learn", self.learn, LEARN_MODES)
+        check_int("--substitute-workers", self.substitute_workers, minimum=0, maximum=1_024,
+                  fix="0 fits in Ray Train's local mode")
+        for name in ("rgb", "download", "substitute_gpu"):
+            check_bool("--" + name.replace("_", "-"), getattr(self, name))
+        check_train(dataclasses.asdict(self.substitute), lambda f: SUBSTITUTE_FLAGS.get(f, f"substitute.{f}"))
+        check_attack(dataclasses.asdict(self.attack), lambda f: ATTACK_FLAGS.get(f, f"attack.{f}"))
+        check_source("--data", self.data, download=self.download)
+        check_checkpoint("--target", self.target)
+        self.endpoint.check()
+        if self.endpoint.url and self.target:
+            raise ValueError("--target and --target-url: give one (a checkpoint we serve, or an endpoint to attack)")
+        if self.endpoint.url and self.endpoint.eval_budget is not None and self.endpoint.eval_budget < 2 * self.test_size:
+            raise ValueError(f"--eval-budget {self.endpoint.eval_budget}: the referee may need {2 * self.test_size} queries "
+                             f"(the {self.test_size} test images, then their adversarial examples); raise it, or lower --test-size")
+        check_exists("--test", self.test, "a labelled ImageFolder tree or Parquet shards")
+        n = pool_images(self.data)  # last: a URL is listed
+        for option, value in (("--budget", self.budget), ("--pool-size", self.pool_size), ("--clusters", self.clusters)):
+            if value is not None and value > n:
+                raise ValueError(f"{option} {value} is larger than the pool ({n:,} images in {self.data}); lower {option}")

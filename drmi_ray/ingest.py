@@ -31,7 +31,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import fsspec
 import numpy as np
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from tqdm.auto import tqdm
 
 from drmi_ray.data import IMAGE_SUFFIXES, MAX_PIXELS, Pool, decode_image
 from drmi_ray.runtime import init_ray
@@ -59,8 +64,6 @@ def list_pool(url: str, *, batch_files: int = 512, cpus: int = 1) -> Listing:
     A unit is at most ``batch_files`` files (fewer when the pool is small, so every one of the
     cluster's ``cpus`` gets several units), or one Parquet row group.
     """
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.exists(root):
         raise FileNotFoundError(f"pool {url!r} does not exist; give an ImageFolder tree or Parquet shards")
@@ -89,8 +92,6 @@ def list_pool(url: str, *, batch_files: int = 512, cpus: int = 1) -> Listing:
 
 def _list_parquet(url, fs, shards) -> Listing:
     """One unit per row group; row counts from the shards' footers (an unreadable shard is skipped)."""
-    import pyarrow.parquet as pq
-
     units, skipped, start = [], [], 0
     for shard in shards:
         name = fs.unstrip_protocol(shard)
@@ -132,8 +133,6 @@ def thumbnails(images: np.ndarray) -> np.ndarray:
 
 def _unit_rows(unit: dict):
     """(path, encoded bytes or an exception, label) for every image of a unit."""
-    import fsspec
-
     if unit.get("paths") is not None:  # one batched read per unit (concurrent on object stores)
         urls = unit["paths"]
         fs, _ = fsspec.core.url_to_fs(urls[0])
@@ -143,7 +142,6 @@ def _unit_rows(unit: dict):
             data = got.get(path, FileNotFoundError(path))
             yield url, data, -1
         return
-    import pyarrow.parquet as pq
 
     shard, rows = unit["shard"], int(unit["rows"])
     try:
@@ -223,10 +221,6 @@ def decode_pool(listing: Listing, *, size: int | None = None, mode: str = "L",
                 max_pixels: int = MAX_PIXELS, progress: bool = True) -> Pool:
     """Decode every unit with Ray Data; returns a ``data.Pool`` (images in a disk-backed array,
     ``thumbs`` set, bad files in ``skipped``). Starts Ray if it is not running."""
-    import ray
-    import ray.data
-    from tqdm.auto import tqdm
-
     if mode not in ("L", "RGB"):
         raise ValueError(f"mode must be 'L' (grey) or 'RGB', got {mode!r}")
     shape = probe_shape(listing, size, mode, max_pixels)
@@ -287,8 +281,6 @@ def decode_pool(listing: Listing, *, size: int | None = None, mode: str = "L",
 def read_pool(url: str, *, size: int | None = None, mode: str = "L", max_pixels: int = MAX_PIXELS,
               batch_files: int = 512, progress: bool = True) -> Pool:
     """``list_pool`` + ``decode_pool`` in one call."""
-    import ray
-
     init_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return decode_pool(list_pool(url, batch_files=batch_files, cpus=cpus), size=size, mode=mode,

@@ -1,24 +1,11 @@
-"""Classifiers for the target and the substitute, and the plain training loop both use.
+"""Classifiers for the target and the substitute: the model registry, and the plain training
+loop both use.
 
-Architectures (``build_model(name)``), all taking float tensors ``(n, C, H, W)`` in ``[0, 1]``
-and returning logits ``(n, num_classes)``:
-
-- ``lenet5``: LeNet-5 (LeCun et al. 1998) with the modern swaps: ReLU and max-pool instead of
-  tanh and average-pool. conv5x5-6 (padding 2, so a 28x28 input keeps its size as in the
-  original 32x32 design), maxpool2, conv5x5-16 (valid), maxpool2, fc-120, fc-84, fc-classes.
-- ``c3f2``: the paper's MNIST CNN (the Carlini & Wagner MNIST model): conv3x3-32, conv3x3-32,
-  maxpool2, conv3x3-64, conv3x3-64, maxpool2, fc-200, fc-200, fc-classes. Valid (no) padding,
-  ReLU after every conv and hidden fc, dropout ``p=0.5`` after each fc-200's ReLU (off in
-  eval mode). 28x28 input -> 4x4x64 = 1024 features.
-- ``dnn5``: five fully connected layers: flatten, 512, 256, 128, 64 (ReLU), classes.
-
-- ``resnet18``, ``resnet152``, ``inception_v3``: torchvision's architectures, randomly
-  initialised (``weights=None``: nothing is downloaded). The first convolution takes
-  ``in_channels``; for images under 64 px the ResNets use the CIFAR stem (conv3x3 stride 1, no
-  max-pool) so 28-32 px inputs are not downsampled away; Inception-v3 resizes its input to at
-  least 75 px (its smallest valid size), without auxiliary logits.
-
-Every builder has the signature ``(in_channels, num_classes, image_size)``.
+Networks by name (``build_model(name)``, ``TrainConfig.model``): ``MODEL_NAMES``, the built-ins
+of ``architectures.py`` (lenet5, c3f2, dnn5, resnet18, resnet152, inception_v3) and any network
+added with ``register_model(name, builder)``; a builder is called as
+``builder(in_channels=, num_classes=, image_size=)`` and returns an ``nn.Module`` from float
+``(n, C, H, W)`` in ``[0, 1]`` to logits ``(n, num_classes)``.
 
 Training (``TrainConfig``, ``train_classifier``) is a plain loop on numpy uint8 images: Adam,
 cross-entropy, shuffled mini-batches drawn from a seeded ``torch.Generator``. With ``pool``
@@ -44,127 +31,38 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from .architectures import C3F2, DNN5, InceptionV3, LeNet5, resnet
 from .images import check_images
 
-MODEL_NAMES = ("lenet5", "c3f2", "dnn5", "resnet18", "resnet152", "inception_v3")
 AUGMENTS = ("none", "digits", "photos", "auto")
 AUGMENT_GROUP = 8  # images per random transform: one draw per image costs 10x more than the transform
 
-
-def _conv_out(size: int, kernel: int, padding: int = 0) -> int:
-    return size + 2 * padding - kernel + 1
-
-
-class LeNet5(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):
-        super().__init__()
-        s = _conv_out(image_size, 5, 2) // 2
-        s = _conv_out(s, 5) // 2
-        if s < 1:
-            raise ValueError(f"lenet5: image_size={image_size} is too small (needs >= 12)")
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(16 * s * s, 120), nn.ReLU(),
-            nn.Linear(120, 84), nn.ReLU(),
-            nn.Linear(84, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+MODEL_NAMES: list[str] = []  # every registered network, in registration order (kept by register_model)
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
-class C3F2(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                 dropout: float = 0.5):
-        super().__init__()
-        s = _conv_out(_conv_out(image_size, 3), 3) // 2
-        s = _conv_out(_conv_out(s, 3), 3) // 2
-        if s < 1:
-            raise ValueError(f"c3f2: image_size={image_size} is too small (needs >= 16)")
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3), nn.ReLU(),
-            nn.Conv2d(32, 32, 3), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(),
-            nn.Conv2d(64, 64, 3), nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(64 * s * s, 200), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(200, 200), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(200, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+def register_model(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Make ``builder`` the network called ``name`` for ``build_model``, ``TrainConfig(model=name)``
+    and the CLI's model settings. ``builder(in_channels=, num_classes=, image_size=)`` returns a
+    freshly initialised ``nn.Module`` (see the module doc); ``ValueError`` if the name is taken or
+    the builder is not callable. Register when a module of the package is imported (as the
+    built-ins below): Ray's worker processes import ``drmi_ray`` afresh and know only those."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name: expected a non-empty string, got {name!r}")
+    if name in _BUILDERS:
+        raise ValueError(f"model {name!r} is already registered")
+    if not callable(builder):
+        raise ValueError(f"model {name!r}: the builder must be callable, got {type(builder).__name__}")
+    _BUILDERS[name] = builder
+    MODEL_NAMES.append(name)
 
 
-DNN5_WIDTHS = (512, 256, 128, 64)
-
-
-class DNN5(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                 widths: tuple[int, ...] = DNN5_WIDTHS):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = in_channels * image_size * image_size
-        for w in widths:
-            layers += [nn.Linear(width, w), nn.ReLU()]
-            width = w
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def _resnet(depth: int):
-    def build(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-        import torchvision
-
-        net = getattr(torchvision.models, f"resnet{depth}")(weights=None, num_classes=num_classes)
-        small = image_size < 64
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3 if small else 7, stride=1 if small else 2,
-                              padding=1 if small else 3, bias=False)
-        if small:
-            net.maxpool = nn.Identity()
-        return net
-
-    return build
-
-
-class InceptionV3(nn.Module):
-    """torchvision's Inception-v3 (no aux logits) on inputs resized to at least 75 px."""
-
-    def __init__(self, in_channels: int, num_classes: int, image_size: int):
-        super().__init__()
-        import torchvision
-
-        self.size = max(75, image_size)
-        self.net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True,
-                                                   num_classes=num_classes, transform_input=False)
-        if in_channels != 3:
-            self.net.Conv2d_1a_3x3.conv = nn.Conv2d(in_channels, 32, kernel_size=3, stride=2, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.size:
-            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return self.net(x)
-
-
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "lenet5": LeNet5,
-    "c3f2": C3F2,
-    "dnn5": DNN5,
-    "resnet18": _resnet(18),
-    "resnet152": _resnet(152),
-    "inception_v3": InceptionV3,
-}
+register_model("lenet5", LeNet5)
+register_model("c3f2", C3F2)
+register_model("dnn5", DNN5)
+register_model("resnet18", resnet(18))
+register_model("resnet152", resnet(152))
+register_model("inception_v3", InceptionV3)
 
 
 def build_model(name: str, *, in_channels: int = 1, num_classes: int = 10,

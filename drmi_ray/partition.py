@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from drmi_ray.mi import pairwise_mi
 from drmi_ray.optimize import Selection, check_mi, objective, select
 from drmi_ray.optimize.distributed import _restart_seeds
 
@@ -45,8 +46,6 @@ def select_partitioned(labels, k, partition_mi, *, seed=0, **select_kwargs) -> S
         images = partition_mi
 
         def partition_mi(indices):
-            from drmi_ray.mi import pairwise_mi
-
             return pairwise_mi(images[indices])
 
     labels = np.asarray(labels)

@@ -1,4 +1,4 @@
-"""PRADA: detecting model-extraction query streams (Juuti et al., EuroS&P 2019), and output options.
+"""PRADA: detecting model-extraction query streams (Juuti et al., EuroS&P 2019).
 
 ``PradaDetector`` watches one client's stream of queries (images and the labels the target
 predicted for them). The rule, as implemented (Algorithm 1 of the paper, with the details of the
@@ -22,8 +22,7 @@ Example::
     det.observe(images_uint8, target_labels)   # -> bool, flagged so far
     det.flagged_at, det.state()
 
-The target's ledger (``drmi_ray.ledger``) keeps one detector per API key. ``round_probs`` and
-``top1`` turn probability rows into the rounded / top-1 outputs a target may answer with.
+The target's ledger (``drmi_ray.ledger``) keeps one detector per API key.
 """
 
 from __future__ import annotations
@@ -117,28 +116,3 @@ class PradaDetector:
                 "min_w": min(w for _, w in self.tests) if self.tests else None,
                 "set_sizes": {int(c): int(s) for c, s in sorted(self._size.items())},
                 "thresholds": {int(c): float(t) for c, t in sorted(self._threshold.items())}}
-
-
-# --------------------------------------------------------------------------- output options
-
-def round_probs(probs: np.ndarray, decimals: int) -> np.ndarray:
-    """Probability rows rounded to ``decimals`` places (not renormalised), float32."""
-    if not isinstance(decimals, (int, np.integer)) or decimals < 0:
-        raise ValueError(f"decimals must be an int >= 0, got {decimals!r}")
-    return np.round(np.asarray(probs, dtype=np.float64), int(decimals)).astype(np.float32)
-
-
-def top1(probs: np.ndarray) -> np.ndarray:
-    """Keep only each row's largest probability (the others set to 0), float32 ``(n, classes)``.
-
-    The top-1 output: the predicted class and its confidence. ``argmax`` still gives the label
-    (ties: the lowest class, as ``argmax``).
-    """
-    probs = np.asarray(probs, dtype=np.float32)
-    if probs.ndim != 2:
-        raise ValueError(f"probs must be (n, classes), got shape {probs.shape}")
-    out = np.zeros_like(probs)
-    rows = np.arange(len(probs))
-    best = probs.argmax(axis=1)
-    out[rows, best] = probs[rows, best]
-    return out

@@ -16,7 +16,9 @@ import math
 from collections import defaultdict
 
 import fsspec
+import matplotlib
 import numpy as np
+from scipy import stats
 
 METRICS = ("accuracy", "fidelity", "transfer_rate")
 
@@ -28,8 +30,6 @@ def new_run_folder(name: str, root: str = "runs") -> str:
 
 def mean_ci(values) -> tuple[float, float]:
     """Mean and half-width of the 95% confidence interval (0 for a single value)."""
-    from scipy import stats
-
     values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
         return float(values.mean()), 0.0
@@ -96,8 +96,6 @@ MIN_SEEDS_FOR_CI = 3  # fewer seeds: each seed's value is shown, not a Student-t
 
 def method_styles(methods) -> dict:
     """A colour and a marker of its own for each method (tab20 has 20 colours, 10 markers cycle)."""
-    import matplotlib
-
     colours = matplotlib.colormaps["tab20"].colors
     markers = "osD^vP*Xph"
     return {m: {"color": colours[i % 20], "marker": markers[i % len(markers)]} for i, m in enumerate(methods)}
@@ -107,9 +105,7 @@ def plot(rows: list[dict]) -> bytes:
     """PNG: accuracy, fidelity and transfer rate against queries, one line per method (its own
     colour and marker). With at least ``MIN_SEEDS_FOR_CI`` seeds a cell shows its mean and 95%
     CI, kept inside 0-100 %; with fewer, the mean line and each seed's own point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # a file, no display; pyplot only after the backend is chosen
     import matplotlib.pyplot as plt
 
     summary = summarize(rows)

@@ -21,6 +21,9 @@ import logging
 import os
 import sys
 
+import ray
+from tqdm.auto import tqdm
+
 log = logging.getLogger("drmi")
 
 
@@ -48,7 +51,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 def use_cpus(n: float | None = None) -> int:
     """Size torch's and numba's thread pools to ``n`` CPUs (default: ``OMP_NUM_THREADS``, which Ray
     sets to the task's ``num_cpus``; 1 when unset). Returns the thread count used."""
-    import numba
+    import numba  # numba and torch load where work runs, not with the logger every module imports
     import torch
 
     if n is None:
@@ -63,8 +66,6 @@ def init_ray(address: str | None = None, **ray_init_kwargs) -> None:
     """Attach to the cluster at ``address`` (or ``RAY_ADDRESS``, as under ``ray job submit``), or
     start a local Ray (``address="local"`` always does); nothing when Ray is already up in this
     process. ``ray_init_kwargs`` go to ``ray.init``."""
-    import ray
-
     if ray.is_initialized():
         return
     if (address or os.environ.get("RAY_ADDRESS") or "local") == "local":
@@ -77,9 +78,6 @@ def init_ray(address: str | None = None, **ray_init_kwargs) -> None:
 def completed(refs: list, *, what: str | None = None):
     """Yield ``(index, result)`` for each of ``refs`` as its task finishes (``index`` into
     ``refs``); a tqdm bar named ``what`` counts them (none when ``what`` is None)."""
-    import ray
-    from tqdm.auto import tqdm
-
     index = {ref: i for i, ref in enumerate(refs)}
     pending = list(refs)
     with tqdm(total=len(refs), desc=what, disable=what is None, file=sys.stderr) as bar:
@@ -100,8 +98,6 @@ def gather(refs: list, *, what: str | None = None) -> list:
 def bounded(submit, items, window: int):
     """Yield ``(item, result)`` as tasks finish, where ``submit(item)`` starts one task and returns
     its ref, with at most ``window`` tasks in flight (the rest of ``items`` waits its turn)."""
-    import ray
-
     queue, pending = list(items), {}
     while queue or pending:
         while queue and len(pending) < window:

@@ -9,7 +9,7 @@ pool's own labels are never read: the only labels here are the target's answers.
 - ``knn_graph(mi, k)``: a symmetric sparse graph (scipy CSR): each image linked to its ``k``
   nearest neighbours by ``NMI = MI / sqrt(H(u) H(v))`` (MI's diagonal holds the entropies), edge
   weight the NMI; an edge kept when either end chose it. ``mi`` is a dense matrix or a
-  ``matrix.TileStore``, read a block of rows at a time, so a 60k pool never needs a dense N x N.
+  ``tiles.TileStore``, read a block of rows at a time, so a 60k pool never needs a dense N x N.
 - ``spread_labels(graph, answered, answers, num_classes)``: ``F ← α S F + (1 − α) Y`` for
   ``iterations`` steps, ``S = D^-1/2 W D^-1/2`` (zero diagonal), ``Y`` the answered images'
   one-hot rows; returns each image's label distribution (rows sum to 1), a row of zeros for an

@@ -2,8 +2,8 @@
 
 - ``fit_substitutes(jobs)`` fits every ``(images, labels, TrainConfig)`` job in ONE Ray Train
   run (one ``ray.train.torch.TorchTrainer.fit``, Train V2), so Train's fixed cost (controller,
-  worker group, process group; about 10-16 s on 2 cores) is paid once per grid, not per
-  substitute. Each substitute runs ``models.fit_model`` (the same loop that trains the target):
+  worker group, process group: ``benchmarks/fit_overhead.py`` prints it) is paid once per grid,
+  not per substitute. Each substitute runs ``models.fit_model`` (the same loop that trains the target):
   - ``num_workers=1`` (default): the run has one worker per substitute fitted at once
     (``max_concurrent``, default as many as the cluster's CPUs hold); the jobs are dealt out
     to the workers in shares of about equal work and each worker fits its share one after
@@ -45,14 +45,17 @@ import tempfile
 import uuid
 
 import ray
+import ray.train
+import ray.train.torch
 import torch
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from torch import nn
 
-from .runtime import init_ray, log, use_cpus
 from .images import check_images
-from .models import (TrainConfig, build_model, check_labels, check_pool, fit_model, image_geometry,
-                     num_steps, pool_tensors, predict, to_tensor)
-
+from .models import (TrainConfig, build_model, check_labels, check_pool, fit_model, image_geometry, num_steps,
+                     pool_tensors, predict, to_tensor)
+from .runtime import init_ray, log, use_cpus
 
 CHECKPOINT_DIR = "checkpoint_final"  # the checkpoint's folder inside the Train run folder
 
@@ -64,8 +67,6 @@ def weights_file(i: int) -> str:
 
 def _fit_one(images, labels, pool, config: TrainConfig, *, rank: int, world: int, use_gpu: bool):
     """One substitute on this worker (DDP over the run's workers when ``world > 1``)."""
-    import ray.train.torch
-
     in_channels, size = image_geometry(images)
     torch.manual_seed(config.seed)
     model = build_model(config.model, in_channels=in_channels, num_classes=config.num_classes,
@@ -86,8 +87,6 @@ def _train_loop(cfg: dict) -> None:
     part in every job (DDP). ``cfg["local_checkpoint"]`` is set in local mode only: the folder
     to write to (local mode's ``report`` keeps the ``Checkpoint`` as given and copies nothing).
     """
-    import ray.train
-
     use_cpus()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -116,9 +115,6 @@ def _train_loop(cfg: dict) -> None:
 def _run(train_loop_config: dict, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
          storage_path: str, name: str):
     """One TorchTrainer.fit; returns its Result (raises the run's error)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                             resources_per_worker=None if num_workers == 0 else
                             {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})})

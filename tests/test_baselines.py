@@ -1,7 +1,9 @@
-"""Baselines: every method spends exactly its budget through the query function, by its stated rule.
+"""Selection methods (``acquisition``, ``drmi``, ``baselines``): every method spends exactly its
+budget through the query function, by its stated rule; the registry.
 
 Real digits, a real target (the session's LeNet-5 on 1,000 bundled digits, conftest
-``lenet5_target``), real substitutes.
+``lenet5_target``), real substitutes; and small hand-made cases whose answer is known by hand or
+by brute force.
 """
 
 import dataclasses
@@ -9,12 +11,18 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from drmi_ray import baselines
-from drmi_ray.baselines import (METHODS, acquire, correlation_matrix, farthest_traces,
-                                jbda_step, kcenter_indices, margin_order, normalized_mi,
-                                seed_size, seeded_shuffle)
+from drmi_ray import acquisition, baselines
+from drmi_ray.acquisition import METHODS, MI_METHODS, acquire, register_method
+from drmi_ray.baselines import (correlation_matrix, farthest_traces, jbda_step, kcenter_indices,
+                                margin_order, seed_size)
+from drmi_ray.drmi import MIX_REDUNDANCY, normalized_mi, random_indices
+from drmi_ray.mi import pairwise_mi
 from drmi_ray.models import TrainConfig, predict, predict_proba, train_classifier
+from drmi_ray.optimize import select_coverage
+from drmi_ray.partition import kmeans_partitions
 
 BUDGET = 30
 # Small, fast substitutes for the methods that train one (cpb, trace, jbda).
@@ -42,8 +50,6 @@ def world(digits, lenet5_target):
 
 @pytest.fixture(scope="module")
 def mi(world):
-    from drmi_ray.mi import pairwise_mi
-
     return pairwise_mi(world[1])
 
 
@@ -96,32 +102,55 @@ def test_method_repeats_its_queries_per_seed_and_changes_them_with_the_seed(meth
         assert not np.array_equal(a.indices, runs[method, "c"][0].indices)
 
 
-def test_drmi_and_cmal_query_the_optimizers_pick_on_their_matrix_in_a_seeded_shuffle(runs, world, mi):
-    from drmi_ray.optimize import select
+def _labels_by_brightness(images):
+    """A stand-in target for the hand-made pools: the answer is the first pixel's value mod 3."""
+    return (images.reshape(len(images), -1)[:, 0] % 3).astype(np.int64)
 
-    pool = world[1]
-    # the optimizer picks a set: it is queried in a seeded shuffle, not in index order
-    expected_drmi = seeded_shuffle(select(mi, BUDGET, seed=0).indices, 0)
-    np.testing.assert_array_equal(runs["drmi", "a"][0].indices, expected_drmi)
-    assert not np.array_equal(expected_drmi, np.sort(expected_drmi))
-    np.testing.assert_array_equal(runs["cmal", "a"][0].indices,
-                                  seeded_shuffle(select(correlation_matrix(pool), BUDGET, seed=0).indices, 0))
+
+def _brute_force_min_subset(matrix, k):
+    """The k-subset with the least summed off-diagonal ``matrix`` over its pairs, by enumeration."""
+    return min(itertools.combinations(range(len(matrix)), k),
+               key=lambda subset: sum(matrix[i, j] for i, j in itertools.combinations(subset, 2)))
+
+
+def test_drmi_queries_the_brute_force_least_mi_subset_of_a_small_matrix_in_a_seeded_shuffle():
+    """9 images, a random symmetric MI matrix (distinct entries: one optimum), budget 4 of 126
+    subsets: the queried set is the enumerated minimum, sent in ``default_rng(seed).permutation``
+    of its sorted indices, never in index order."""
+    rng = np.random.default_rng(7)
+    upper = np.triu(rng.uniform(0.1, 2.0, size=(9, 9)), 1)
+    mi = upper + upper.T + np.diag(rng.uniform(2.0, 3.0, size=9))
+    best = sorted(_brute_force_min_subset(mi, 4))
+    pool = np.repeat(np.arange(9, dtype=np.uint8)[:, None, None] * 20, 8, axis=1).repeat(8, axis=2)
+    orders = []
+    for seed in range(3):
+        got = acquire("drmi", pool, 4, _labels_by_brightness, seed=seed, mi=mi)
+        assert got.indices.tolist() == np.random.default_rng(seed).permutation(best).tolist()
+        orders.append(got.indices.tolist())
+    assert any(order != best for order in orders)
+
+
+def test_cmal_queries_the_brute_force_least_correlated_subset_of_real_digits_in_a_seeded_shuffle(world):
+    """12 digits, budget 4 of 495 subsets: the queried set minimises the summed |Pearson
+    correlation| of its pairs, computed here from z-scores and enumerated."""
+    pool = world[1][:12]
+    x = pool.reshape(12, -1).astype(np.float64)
+    z = (x - x.mean(axis=1, keepdims=True)) / x.std(axis=1, keepdims=True)
+    best = sorted(_brute_force_min_subset(np.abs(z @ z.T) / x.shape[1], 4))
+    got = acquire("cmal", pool, 4, _labels_by_brightness, seed=3)
+    assert got.indices.tolist() == np.random.default_rng(3).permutation(best).tolist()
 
 
 def test_coverage_methods_query_the_greedy_pick_order_of_their_objective(runs, mi):
-    from drmi_ray.optimize import select_coverage
-
     nmi = normalized_mi(mi, "sqrt")
     cover = select_coverage(nmi, BUDGET, seed=0)
     np.testing.assert_array_equal(runs["drmi-cover", "a"][0].indices, cover.order)
-    mix = select_coverage(nmi, BUDGET, redundancy=baselines.MIX_REDUNDANCY, seed=0)
+    mix = select_coverage(nmi, BUDGET, redundancy=MIX_REDUNDANCY, seed=0)
     np.testing.assert_array_equal(runs["drmi-mix", "a"][0].indices, mix.order)
     assert not np.array_equal(mix.order, cover.order)  # the penalty changes picks
 
 
 def test_drmi_typical_takes_the_most_typical_image_of_each_kmeans_cluster(runs, world, mi):
-    from drmi_ray.partition import kmeans_partitions
-
     pool = world[1]
     nmi = normalized_mi(mi, "sqrt")
     got = runs["drmi-typical", "a"][0].indices
@@ -223,16 +252,56 @@ def test_margin_order_is_class_balanced_round_robin():
     assert margin_order(probs, 4).tolist() == [4, 3, 5, 1]
 
 
-def test_cpb_queries_the_rule_of_its_first_substitute(runs, world):
-    pool = world[1]
-    got = runs["cpb", "a"][0]
-    s = seed_size(BUDGET)
-    assert s == 10 and seed_size(200) == 40 and seed_size(5) == 5
-    np.testing.assert_array_equal(got.indices[:s], baselines.random_indices(len(pool), s, 0))
-    first = train_classifier(pool[got.indices[:s]], got.labels[:s], dataclasses.replace(FAST, seed=0))
-    candidates = np.setdiff1d(np.arange(len(pool)), got.indices[:s])
-    expected = candidates[margin_order(predict_proba(first, pool[candidates]), BUDGET - s)]
-    np.testing.assert_array_equal(got.indices[s:], expected)
+def test_seed_step_is_a_fifth_of_the_budget_but_at_least_10_and_never_more_than_the_budget():
+    assert [seed_size(b) for b in (5, 10, 30, 50, 51, 200)] == [5, 10, 10, 10, 11, 40]
+
+
+class TableModel(nn.Module):
+    """A substitute whose softmax is a hand-built table: pool image ``i`` is filled with ``10 i``."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.log_table = nn.Parameter(torch.log(torch.as_tensor(table, dtype=torch.float64)), requires_grad=False)
+
+    def forward(self, x):
+        rows = (x[:, 0, 0, 0].double() * 255 / 10).round().long()
+        return self.log_table[rows]
+
+
+# cpb on 16 images, budget 14: seed step seed_size(14) = 10 images, default_rng(0).choice(16, 10)
+CPB_SEED_STEP = [5, 15, 7, 4, 2, 0, 13, 3, 14, 12]
+CPB_TABLE = {  # candidate: softmax row (class, margin p_top1 - p_top2)
+    1: [0.60, 0.30, 0.10],  # class 0, 0.30
+    6: [0.05, 0.90, 0.05],  # class 1, 0.85
+    8: [0.45, 0.40, 0.15],  # class 0, 0.05
+    9: [0.20, 0.15, 0.65],  # class 2, 0.45
+    10: [0.35, 0.45, 0.20],  # class 1, 0.10
+    11: [0.50, 0.20, 0.30],  # class 0, 0.20
+}
+# round 0, each class's least certain: 8 (0.05), 10 (0.10), 9 (0.45); round 1: 11 (0.20), 6 (0.85);
+# round 2: 1. The first 4 of 8, 10, 9, 11, 6, 1. (Ascending margin alone would give 8, 10, 11, 1.)
+CPB_PICKS = [8, 10, 9, 11]
+
+
+def test_cpb_queries_class_balanced_rounds_of_least_certain_candidates_from_a_hand_built_table(monkeypatch):
+    table = np.full((16, 3), [0.34, 0.33, 0.33])  # seed-step images: the least certain of all
+    for i, row in CPB_TABLE.items():
+        table[i] = row
+    trained = []
+
+    def first_substitute(images, labels, config):
+        trained.append((images, labels, config))
+        return TableModel(table)
+
+    monkeypatch.setattr(baselines, "train_classifier", first_substitute)
+    pool = np.repeat(np.arange(16, dtype=np.uint8)[:, None, None] * 10, 8, axis=1).repeat(8, axis=2)
+    got = acquire("cpb", pool, 14, _labels_by_brightness, seed=0, substitute_config=FAST)
+    assert got.indices.tolist() == CPB_SEED_STEP + CPB_PICKS
+    assert got.info == {"seed_queries": 10}
+    [(images, labels, config)] = trained  # one substitute, on the seed step's answers
+    np.testing.assert_array_equal(images, pool[CPB_SEED_STEP])
+    np.testing.assert_array_equal(labels, _labels_by_brightness(pool[CPB_SEED_STEP]))
+    assert config == dataclasses.replace(FAST, seed=0)
 
 
 def test_farthest_traces_matches_brute_force_hamming():
@@ -283,7 +352,7 @@ def test_jbda_steps_are_lambda_quantised_and_flip_every_tau_rounds(runs, world):
     first = train_classifier(seed_images, seed_labels, dataclasses.replace(FAST, seed=0))
     signs = baselines.jacobian_signs(first, seed_images, seed_labels).astype(int)
     np.testing.assert_array_equal(child, np.clip(parent + 26 * signs, 0, 255))
-    np.testing.assert_array_equal(got.indices[:10], baselines.random_indices(len(pool), 10, 0))
+    np.testing.assert_array_equal(got.indices[:10], random_indices(len(pool), 10, 0))
 
 
 def test_a_query_answering_probabilities_is_read_as_its_argmax(world):
@@ -319,3 +388,44 @@ def test_a_query_returning_fewer_labels_than_images_is_a_value_error(world):
     pool = world[1]
     with pytest.raises(ValueError, match="one label per image"):
         acquire("random", pool, 10, lambda x: np.zeros(len(x) - 1, dtype=np.int64), seed=0)
+
+
+def test_the_built_in_methods_are_registered_in_order_and_the_mi_methods_are_the_drmi_family():
+    assert METHODS == ["drmi", "random", "cmal", "cpb", "trace", "kcenter", "jbda", "drmi-sqrt",
+                       "drmi-joint", "drmi-balanced", "drmi-typical", "drmi-cover", "drmi-mix"]
+    assert MI_METHODS == [m for m in METHODS if m.startswith("drmi")]
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """The method registry as a copy, so a test's registrations end with it."""
+    monkeypatch.setattr(acquisition, "_REGISTRY", dict(acquisition._REGISTRY))
+    monkeypatch.setattr(acquisition, "METHODS", list(METHODS))
+    monkeypatch.setattr(acquisition, "MI_METHODS", list(MI_METHODS))
+
+
+def test_a_registered_method_runs_through_acquire_and_is_listed(scratch_registry):
+    def last_images(record, budget, *, seed, mi, **_):  # the pool's last `budget` images, in reverse
+        record.ask_pool(np.arange(len(record.pool))[::-1][:budget])
+        return {"diagonal": float(np.trace(mi))}
+
+    register_method("last", last_images, needs_mi=True)
+    assert acquisition.METHODS[-1] == "last" and acquisition.MI_METHODS[-1] == "last"
+    pool = np.repeat(np.arange(5, dtype=np.uint8)[:, None, None], 8, axis=1).repeat(8, axis=2)
+    got = acquire("last", pool, 2, _labels_by_brightness, mi=np.eye(5))
+    assert got.indices.tolist() == [4, 3] and got.info == {"diagonal": 5.0}
+    with pytest.raises(ValueError, match="last needs the pool's pairwise MI matrix"):
+        acquire("last", pool, 2, _labels_by_brightness)
+
+
+def test_a_taken_name_is_refused_and_a_method_that_misspends_its_budget_is_a_runtime_error(scratch_registry):
+    with pytest.raises(ValueError, match="'drmi' is already registered"):
+        register_method("drmi", lambda record, budget, **_: {})
+    def one_short(record, budget, **_):
+        record.ask_pool(np.arange(budget - 1))
+        return {}
+
+    register_method("one-short", one_short)
+    pool = np.zeros((4, 8, 8), dtype=np.uint8)
+    with pytest.raises(RuntimeError, match="one-short spent 2 queries, not its budget of 3"):
+        acquire("one-short", pool, 3, _labels_by_brightness)

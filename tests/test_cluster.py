@@ -330,7 +330,7 @@ def test_job_killed_mid_matrix_reruns_only_missing_tiles(cluster, pool, clean_ma
     import subprocess
     import sys
 
-    from drmi_ray.matrix import tile_grid
+    from drmi_ray.tiles import tile_grid
 
     ensure_workers(cluster)
     store_url = str(tmp_path / "mi")

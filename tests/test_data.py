@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from drmi_ray.data import bundled_mnist, load_pool, split_indices
+from drmi_ray.data import bundled_mnist, split_indices
+from drmi_ray.pools import load_pool
 
 
 def test_bundled_mnist_is_real_digits(digits):
@@ -128,7 +129,7 @@ def test_paper_mnist_protocol_keeps_target_and_attacker_apart(tmp_path, digits):
     import dataclasses
 
     from drmi_ray.config import ExperimentConfig, apply_protocol
-    from drmi_ray.experiment import load_data
+    from drmi_ray.pools import load_data
 
     images, labels = digits
     raw = tmp_path / "MNIST" / "raw"
@@ -140,7 +141,7 @@ def test_paper_mnist_protocol_keeps_target_and_attacker_apart(tmp_path, digits):
     config = apply_protocol(ExperimentConfig(), "paper-mnist", str(tmp_path))
     assert config.pool.source == f"mnist:{tmp_path}" and config.pool.target_train == 60000
     config.pool = dataclasses.replace(config.pool, pool=1200, test=800)
-    data = load_data(config)
+    data = load_data(config.pool)
     assert len(data.target_images) == 3000  # the whole training set (smaller than 60k here)
     assert len(data.pool) == 1200 and len(data.test_images) == 800
     # the attacker's pool and the test split come from the held-out set, disjoint from each other
@@ -149,4 +150,4 @@ def test_paper_mnist_protocol_keeps_target_and_attacker_apart(tmp_path, digits):
     assert pool_keys <= held_out and not pool_keys & {img.tobytes() for img in data.test_images}
     config.pool = dataclasses.replace(config.pool, pool=1500, test=600)
     with pytest.raises(ValueError, match="exceed the 2000 held-out images"):
-        load_data(config)
+        load_data(config.pool)

@@ -6,7 +6,7 @@ import pytest
 
 from drmi_ray.cli import main
 from drmi_ray.config import API_KEY_ENV, EndpointConfig, ExperimentConfig, PoolConfig, SelectionConfig
-from drmi_ray.experiment import check_config, run_experiment
+from drmi_ray.experiment import run_experiment
 from drmi_ray.models import TrainConfig
 
 
@@ -27,7 +27,7 @@ def test_a_run_against_an_endpoint_is_charged_there_and_scores_as_a_referee_hold
     import torch
 
     from drmi_ray.attack import transfer
-    from drmi_ray.experiment import load_data
+    from drmi_ray.pools import load_data
     from drmi_ray.models import build_model, predict
     from drmi_ray.service import start_target, stop_target
     from drmi_ray.substitute import evaluate
@@ -47,7 +47,7 @@ def test_a_run_against_an_endpoint_is_charged_there_and_scores_as_a_referee_hold
 
     assert not (out / "target.pt").exists()  # nothing trained: the endpoint is the target
     assert row["queries"] == attacker["used"] == 20
-    data = load_data(config)
+    data = load_data(config.pool)
     target = load_classifier(checkpoint)
     target_test = predict(target, data.test_images)
     right = int((target_test == data.test_labels).sum())
@@ -78,7 +78,7 @@ def test_a_run_against_an_endpoint_is_charged_there_and_scores_as_a_referee_hold
 def test_bad_endpoint_settings_are_refused_in_one_line_before_any_work(change, match, monkeypatch):
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     with pytest.raises(ValueError, match=match) as err:
-        check_config(endpoint_config(**change))
+        endpoint_config(**change).check()
     assert len(str(err.value).splitlines()) == 1
 
 

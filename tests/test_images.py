@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from drmi_ray.attack import pgd, transfer
-from drmi_ray.baselines import acquire
+from drmi_ray.acquisition import acquire
 from drmi_ray.client import TargetClient
 from drmi_ray.images import ImageTypeError, check_images
 from drmi_ray.matrix import compute_mi_matrix
@@ -57,9 +57,9 @@ DOORS = {
     "mi.image_entropies": (lambda x, _: image_entropies(x), "a", ALWAYS | {"empty"}),
     "matrix.compute_mi_matrix": (lambda x, tmp: compute_mi_matrix(x, str(tmp / "mi"), progress=False), "images",
                                  ALWAYS | {"empty"}),
-    "baselines.acquire(random)": (lambda x, _: acquire("random", x, 1, _never_asked), "pool_images",
+    "acquisition.acquire(random)": (lambda x, _: acquire("random", x, 1, _never_asked), "pool_images",
                                   ALWAYS | {"channels", "empty"}),
-    "baselines.acquire(drmi)": (lambda x, _: acquire("drmi", x, 2, _never_asked, mi=np.zeros((1, 1))),
+    "acquisition.acquire(drmi)": (lambda x, _: acquire("drmi", x, 2, _never_asked, mi=np.zeros((1, 1))),
                                 "pool_images", ALWAYS | {"channels", "empty", "too_few"}),
     "prada.observe": (lambda x, _: PradaDetector().observe(x, _labels(x)), "images",
                       ALWAYS | {"channels", "empty"}),

@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from drmi_ray.ledger import (JournalCorrupt, Ledger, Refused, api_key, check_key_settings, images_digest, key_name,
-                             new_operator_key, read_journal)
+from drmi_ray.ledger import Ledger, Refused, api_key, check_key_settings, images_digest, key_name, new_operator_key
+from drmi_ray.service_journal import JournalCorrupt, read_journal
 
 SERVICE = {"checkpoint_sha256": "ab" * 32, "output": "label", "decimals": None}
 

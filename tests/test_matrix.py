@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from drmi_ray.matrix import TileStore, compute_mi_matrix, tile_grid
+from drmi_ray.matrix import compute_mi_matrix
 from drmi_ray.mi import pairwise_mi
+from drmi_ray.tiles import TileStore, tile_grid
 
 
 def tile_files(store):

@@ -1,8 +1,10 @@
 """pairwise_mi: exact against sklearn, edge cases, the torch kernel bit-identical to numba, bad inputs."""
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -10,7 +12,12 @@ import pytest
 from scipy.stats import entropy
 from sklearn.metrics import mutual_info_score
 
-from drmi_ray.mi import image_entropies, joint_sums_cpu, joint_sums_torch, pairwise_mi, pairwise_mi_torch, to_codes
+from drmi_ray.mi import image_entropies, pairwise_mi, pairwise_mi_torch, to_codes
+from drmi_ray.mi_cpu import joint_sums_cpu
+from drmi_ray.mi_gpu import joint_sums_torch
+
+# the kernels kept only for comparison live beside the benchmarks (not a package, not on pytest's path)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 # README: pairwise_mi equals sklearn's mutual_info_score "to about 1e-15". Measured here against
@@ -110,8 +117,8 @@ def test_two_large_images_use_wide_counts_and_match_sklearn(rng):
     assert np.array_equal(pairwise_mi_torch(a, device="cpu"), mi)
 
 
-@pytest.mark.parametrize("bins,method", [(256, "sort-search"), (256, "sort"), (64, "sort-search"), (16, "onehot"),
-                                         (8, "onehot"), (16, "sort")])
+@pytest.mark.parametrize("bins,method", [(256, "sort-search"), (64, "sort-search"), (16, "onehot"), (8, "onehot"),
+                                         (16, "sort-search")])
 def test_torch_kernel_equals_cpu_kernel_bit_for_bit(digits, bins, method):
     codes = to_codes(digits[0][:90], bins=bins)
     a, b = codes[:41], codes[41:]
@@ -123,6 +130,15 @@ def test_torch_kernel_equals_cpu_kernel_bit_for_bit(digits, bins, method):
     assert np.array_equal(joint_sums_torch(a, None, bins, device="cpu", method=method, max_elements=4000), sym)
     images = digits[0][:25]
     assert np.array_equal(pairwise_mi_torch(images, bins=bins, device="cpu"), pairwise_mi(images, bins=bins))
+
+
+def kernels_compared():
+    """benchmarks/mi_kernels_compared.py (the earlier Triton kernel)."""
+    pytest.importorskip("triton")  # torch's Linux wheels bring it (torch requires it there); absent elsewhere
+    spec = importlib.util.spec_from_file_location("mi_kernels_compared", BENCHMARKS / "mi_kernels_compared.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_torch_kernel_equals_cpu_kernel_on_colour_flattened_and_luminance(rng):
@@ -142,13 +158,14 @@ def test_gpu_kernels_equal_cpu_kernel_bit_for_bit(digits):
     images[9] = images[10]  # an exact duplicate
     for bins in (256, 64, 16, 7):
         assert np.array_equal(pairwise_mi_torch(images, bins=bins, device="cuda"), pairwise_mi(images, bins=bins))
-    methods = ("triton", "triton-sort", "sort", "sort-search", "onehot")
+    triton_sort = kernels_compared().joint_sums_triton_sort
     for bins in (256, 7):
         codes = to_codes(images, bins=bins)
         for a, b in ((codes[:150], codes[150:]), (codes[:300], None)):
             cpu = joint_sums_cpu(a, b, bins)
-            for method in methods:
+            for method in ("triton", "sort-search", "onehot"):
                 assert np.array_equal(joint_sums_torch(a, b, bins, device="cuda", method=method), cpu), (bins, method)
+            assert np.array_equal(triton_sort(a, b, bins, device="cuda"), cpu), (bins, "triton-sort")
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, size=(50, 32, 32, 3), dtype=np.uint8)
     rgb[:10, :16] = 0  # some background
@@ -157,8 +174,8 @@ def test_gpu_kernels_equal_cpu_kernel_bit_for_bit(digits):
         codes = to_codes(pool)
         for a, b in ((codes[:20], codes[20:]), (codes, None)):
             cpu = joint_sums_cpu(a, b, 256)
-            for method in ("triton", "triton-sort"):
-                assert np.array_equal(joint_sums_torch(a, b, 256, device="cuda", method=method), cpu), method
+            assert np.array_equal(joint_sums_torch(a, b, 256, device="cuda", method="triton"), cpu)
+            assert np.array_equal(triton_sort(a, b, 256, device="cuda"), cpu)
         assert np.array_equal(pairwise_mi_torch(pool, device="cuda"), pairwise_mi(pool))
 
 
@@ -213,10 +230,17 @@ if FAST_SORT:
     tl.sort = lambda x, dim=None, descending=False: tl.core.tensor(
         TensorHandle(np.sort(x.handle.data), x.handle.dtype), x.type)
 import torch
-from drmi_ray.mi import (_joint_sums_triton, clogc_table, joint_sums_cpu, joint_sums_torch, to_codes)
+from drmi_ray.mi import to_codes
+from drmi_ray.mi_cpu import clogc_table, joint_sums_cpu
+from drmi_ray.mi_gpu import joint_sums_torch, joint_sums_triton
+sys.path.insert(0, BENCHMARKS)
+from mi_kernels_compared import joint_sums_triton_sort
 
 def check(name, a, b, bins, method="triton"):
-    got = joint_sums_torch(a, b, bins, device="cpu", method=method)
+    if method == "triton-sort":
+        got = joint_sums_triton_sort(a, b, bins, device="cpu")
+    else:
+        got = joint_sums_torch(a, b, bins, device="cpu", method=method)
     assert np.array_equal(got, joint_sums_cpu(a, b, bins)), name
     print("ok", name, a.shape, None if b is None else b.shape, bins, method, flush=True)
 
@@ -225,7 +249,7 @@ def check_upper_only(name, codes, bins):
     a = torch.as_tensor(codes)
     table = torch.as_tensor(clogc_table(codes.shape[1]))
     out = torch.zeros((len(a), len(a)), dtype=torch.int64)
-    _joint_sums_triton(a, None, bins, table, torch.diff(table, prepend=table[:1]), out)
+    joint_sums_triton(a, None, bins, table, torch.diff(table, prepend=table[:1]), out)
     upper = np.triu(joint_sums_cpu(codes, None, bins), 1)
     assert np.array_equal(out.numpy(), upper), name
     print("ok", name, "upper triangle only", flush=True)
@@ -234,14 +258,11 @@ def check_upper_only(name, codes, bins):
 
 def run_in_interpreter(checks, tmp_path, fast_sort, **arrays):
     """Run INTERPRETER_CHECKS + checks with TRITON_INTERPRET=1; arrays are saved and loaded by name."""
-    pytest.importorskip("triton")
-    import os
-    import sys
-
+    pytest.importorskip("triton")  # torch's Linux wheels bring it (torch requires it there); absent elsewhere
     for name, x in arrays.items():
         np.save(tmp_path / f"{name}.npy", x)
     load = "".join(f"{name} = np.load({str(tmp_path / (name + '.npy'))!r})\n" for name in arrays)
-    code = f"FAST_SORT = {fast_sort}\n" + INTERPRETER_CHECKS + load + checks
+    code = f"FAST_SORT = {fast_sort}\nBENCHMARKS = {str(BENCHMARKS)!r}\n" + INTERPRETER_CHECKS + load + checks
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
@@ -295,11 +316,12 @@ check("grey 64x64, 16 levels", to_codes(big, bins=16), None, 16)
 
 
 def test_triton_refuses_images_it_cannot_sort():
-    pytest.importorskip("triton")
+    triton_sort = kernels_compared().joint_sums_triton_sort
     dense = np.ones((2, 5000), np.uint8)
-    for method in ("triton", "triton-sort"):
-        with pytest.raises(ValueError, match="more than 4096"):
-            joint_sums_torch(dense, None, 256, device="cpu", method=method)
+    with pytest.raises(ValueError, match="more than 4096"):
+        joint_sums_torch(dense, None, 256, device="cpu", method="triton")
+    with pytest.raises(ValueError, match="more than 4096"):
+        triton_sort(dense, None, 256, device="cpu")
 
 
 _THREADS_AFTER_MI = """

@@ -1,11 +1,13 @@
-"""Model builders, image conversion and the plain training loop."""
+"""The model registry, image conversion and the plain training loop."""
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from drmi_ray import models
 from drmi_ray.models import (MODEL_NAMES, TrainConfig, build_model, num_steps, predict,
-                             predict_proba, to_tensor, train_classifier)
+                             predict_proba, register_model, to_tensor, train_classifier)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -28,6 +30,28 @@ def test_unknown_or_too_small_models_and_bad_train_configs_are_value_errors():
         TrainConfig(model="nope")
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+
+
+def test_the_built_in_models_are_registered_in_order():
+    assert MODEL_NAMES == ["lenet5", "c3f2", "dnn5", "resnet18", "resnet152", "inception_v3"]
+
+
+def test_a_registered_model_is_built_and_trained_by_name_and_listed(monkeypatch, digits):
+    monkeypatch.setattr(models, "_BUILDERS", dict(models._BUILDERS))  # registrations end with the test
+    monkeypatch.setattr(models, "MODEL_NAMES", list(MODEL_NAMES))
+
+    def linear(in_channels, num_classes, image_size):
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, num_classes))
+
+    register_model("linear", linear)
+    assert models.MODEL_NAMES[-1] == "linear"
+    assert build_model("linear", in_channels=3, num_classes=4, image_size=8)[1].weight.shape == (4, 192)
+    model = train_classifier(digits[0][:20], digits[1][:20], TrainConfig(model="linear", epochs=1, min_steps=2))
+    assert isinstance(model[1], nn.Linear)
+    with pytest.raises(ValueError, match="'linear' is already registered"):
+        register_model("linear", linear)
+    with pytest.raises(ValueError, match="must be callable"):
+        register_model("none", None)
 
 
 def test_to_tensor_scales_grey_and_colour_to_nchw_in_0_1_and_refuses_floats(digits):

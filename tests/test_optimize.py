@@ -199,7 +199,7 @@ def plain_greedy(sim, k, redundancy=0.0, first=None):
 
 
 def digit_nmi(digits, n, start=0):
-    from drmi_ray.baselines import normalized_mi
+    from drmi_ray.drmi import normalized_mi
     from drmi_ray.mi import pairwise_mi
 
     return normalized_mi(pairwise_mi(digits[0][start:start + n]), "sqrt")

@@ -7,8 +7,8 @@ import pytest
 
 from drmi_ray.cli import main
 from drmi_ray.config import ExperimentConfig, PoolConfig, SelectionConfig
-from drmi_ray.experiment import check_config, run_experiment
-from drmi_ray.ledger import read_journal
+from drmi_ray.experiment import run_experiment
+from drmi_ray.service_journal import read_journal
 
 
 def small_config(**selection) -> ExperimentConfig:
@@ -33,7 +33,7 @@ def test_config_round_trips_through_json_and_an_unknown_key_is_refused():
 ])
 def test_bad_configs_are_refused_before_any_work(change, match):
     with pytest.raises(ValueError, match=match):
-        check_config(small_config(**change))
+        small_config(**change).check()
 
 
 def test_full_pipeline_queries_each_methods_pick_once_and_reports_what_its_artifacts_recompute(
@@ -43,9 +43,9 @@ def test_full_pipeline_queries_each_methods_pick_once_and_reports_what_its_artif
     cell's saved queries and answers, and each substitute's weights (Ray Train checkpoint)."""
     import torch
 
-    from drmi_ray.baselines import random_indices, seeded_shuffle
-    from drmi_ray.experiment import load_data
-    from drmi_ray.matrix import TileStore
+    from drmi_ray.drmi import random_indices, seeded_shuffle
+    from drmi_ray.pools import load_data
+    from drmi_ray.tiles import TileStore
     from drmi_ray.models import build_model, predict
     from drmi_ray.optimize import select
     from drmi_ray.target import load_classifier
@@ -57,7 +57,7 @@ def test_full_pipeline_queries_each_methods_pick_once_and_reports_what_its_artif
     cells = [(m, b) for b in (20, 60) for m in ("drmi", "random")]
     assert [(r["method"], r["budget"], r["seed"]) for r in rows] == [(m, b, 0) for m, b in cells]
 
-    data = load_data(config)
+    data = load_data(config.pool)
     target = load_classifier(str(out / "target.pt"))
     target_test = predict(target, data.test_images)
     target_correct = int((target_test == data.test_labels).sum())
@@ -142,7 +142,7 @@ def test_pool_mode_substitutes_never_read_the_pools_labels(tmp_path, ray_local, 
     no pool labels, so every figure and every substitute's weights must be identical."""
     import torch
 
-    from drmi_ray import data
+    from drmi_ray import data, pools
     from drmi_ray.models import TrainConfig
 
     config = ExperimentConfig(pool=PoolConfig(target_train=1000, pool=200, test=200),
@@ -157,8 +157,8 @@ def test_pool_mode_substitutes_never_read_the_pools_labels(tmp_path, ray_local, 
     scrambled[pool_rows] = np.random.default_rng(1).permutation(labels[pool_rows]) + 100  # not even digits
     runs = {}
     for name, pool_labels in (("real", labels), ("scrambled", scrambled)):
-        monkeypatch.setattr(data, "bundled_mnist", lambda pool_labels=pool_labels: (images, pool_labels))
-        assert (data.load_pool("bundled-mnist").labels[pool_rows] == pool_labels[pool_rows]).all()  # the scramble took
+        monkeypatch.setattr(pools, "bundled_mnist", lambda pool_labels=pool_labels: (images, pool_labels))
+        assert (pools.load_pool("bundled-mnist").labels[pool_rows] == pool_labels[pool_rows]).all()  # the scramble took
         runs[name] = run_experiment(config, str(tmp_path / name))
     assert runs["real"] == runs["scrambled"]
     assert [r["learn"] for r in runs["real"]] == ["pool", "pool"]

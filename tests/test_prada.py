@@ -1,4 +1,4 @@
-"""PRADA detector and output options: the rule, and what it flags on real streams."""
+"""PRADA detector: the rule, and what it flags on real streams."""
 
 import json
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from drmi_ray.baselines import acquire
-from drmi_ray.models import TrainConfig, predict, predict_proba
-from drmi_ray.prada import PradaDetector, round_probs, top1
+from drmi_ray.acquisition import acquire
+from drmi_ray.models import TrainConfig, predict
+from drmi_ray.prada import PradaDetector
 
 FAST = TrainConfig(model="lenet5", epochs=15, min_steps=0, batch_size=32)
 
@@ -135,20 +135,3 @@ def test_bad_batches_are_value_errors_and_count_no_query():
     with pytest.raises(ValueError, match="labels must have shape"):
         det.observe(np.zeros((2, 4, 4), dtype=np.uint8), [0])
     assert det.queries == 0
-
-
-def test_round_probs_keeps_its_decimals_and_top1_keeps_only_the_top_probability(world):
-    target, pool = world
-    probs = predict_proba(target, pool[:50])
-    r = round_probs(probs, 1)
-    assert r.dtype == np.float32
-    np.testing.assert_allclose(r * 10, np.round(r * 10), atol=1e-5)
-    assert np.abs(r - probs).max() <= 0.05 + 1e-6
-    t = top1(probs)
-    np.testing.assert_array_equal(t.argmax(1), probs.argmax(1))
-    assert ((t > 0).sum(1) == 1).all()
-    np.testing.assert_array_equal(t.max(1), probs.max(1))
-    with pytest.raises(ValueError, match="decimals"):
-        round_probs(probs, -1)
-    with pytest.raises(ValueError, match="probs must be"):
-        top1(probs[0])

@@ -88,16 +88,17 @@ def test_partition_pool_by_label_kmeans_or_none_and_budgets_follow_sizes():
 
 
 def test_small_partitions_share_tasks_but_every_cpu_gets_work():
-    def parts(*sizes):
-        return [reduce.Partition(i, f"p{i}", np.arange(n)) for i, n in enumerate(sizes)]
+    from drmi_ray.matrix import bundles
 
-    classes = parts(*[30] * 1000)  # ImageNet-like: 1,000 small classes
-    groups = reduce.bundles(classes, tile_size=1300, cpus=4)
-    assert sorted(p.key for g in groups for p in g) == list(range(1000))  # each partition once
+    def sizes(*ns):
+        return {f"p{i}": n for i, n in enumerate(ns)}
+
+    groups = bundles(sizes(*[30] * 1000), tile_size=1300, cpus=4)  # ImageNet-like: 1,000 small classes
+    assert sorted(name for g in groups for name in g) == sorted(sizes(*[30] * 1000))  # each partition once
     assert len(groups) == 8  # 435,000 pairs in bundles of >= 435,000 / (2 * 4 CPUs)
-    assert len(reduce.bundles(parts(1000, 1000), tile_size=1300, cpus=2)) == 2  # not both in one task
+    assert len(bundles(sizes(1000, 1000), tile_size=1300, cpus=2)) == 2  # not both in one task
     # a tile of 100 holds 5,000 pairs: two partitions of 100 (4,950 pairs each) per bundle
-    assert len(reduce.bundles(parts(*[100] * 40), tile_size=100, cpus=1)) == 20
+    assert len(bundles(sizes(*[100] * 40), tile_size=100, cpus=1)) == 20
 
 
 def test_listing_cuts_the_sorted_files_into_units(image_folder):
@@ -239,7 +240,7 @@ def test_target_stage_charges_the_budget_once_and_a_rerun_nothing_more(ray_local
                                                                        tmp_path, serve_port):
     """--target: serve the target, query it with the selection over HTTP, fit a substitute,
     attack; a rerun gets the journal's stored answers and is charged nothing more."""
-    from drmi_ray.ledger import read_journal
+    from drmi_ray.service_journal import read_journal
 
     out = tmp_path / "run"
     argv = attack_argv(image_folder, out, lenet5_checkpoint[0], "lenet5", serve_port)  # the session's target
@@ -300,11 +301,12 @@ def test_cifar10_source_selects_among_its_first_pool_size_rgb_images(ray_local, 
     """cifar10:ROOT (jobs/cifar10.py's pool) with torchvision's loader replaced by 120 colour
     images (no download here)."""
     import drmi_ray.data as data
+    import drmi_ray.pools as pools
 
     rng = np.random.default_rng(0)
     fake = data.Pool(rng.integers(0, 256, (120, 32, 32, 3), dtype=np.uint8), np.repeat(np.arange(4), 30),
                      classes=["a", "b", "c", "d"])
-    monkeypatch.setattr(data, "torchvision_pool", lambda name, root, train=True, download=False: fake)
+    monkeypatch.setattr(pools, "torchvision_pool", lambda name, root, train=True, download=False: fake)
     out = tmp_path / "run"
     assert drmi_reduce("--data", f"cifar10:{tmp_path}", "--budget", 8, "--out", out, "--tile-size", 16,
                        "--pool-size", 100) == 0
@@ -360,7 +362,7 @@ def test_junk_images_are_skipped_with_their_reason_and_the_rest_decode_exactly(r
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from drmi_ray.data import load_pool
+    from drmi_ray.pools import load_pool
     from drmi_ray.ingest import read_pool
 
     root, good, junk = junk_folder

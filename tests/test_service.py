@@ -1,10 +1,11 @@
 """The target as an HTTP service (Ray Serve on 127.0.0.1): exact budgets under 100 concurrent
-clients, replicas and the ledger killed mid-batch, what an attacker's key can reach, bad and
-oversized requests (always a JSON error), request ids, the rate limit, its own port per Ray, and
-the client against a second, minimal OIP server. tests/test_tritonclient.py drives the service
-with a client nobody here wrote."""
+clients, replicas and the ledger killed mid-batch, an answer lost on its way back, what an
+attacker's key can reach, bad and oversized requests (always a JSON error), request ids, the rate
+limit, its own port per Ray, the output options, and the client against a second, minimal OIP
+server. tests/test_tritonclient.py drives the service with a client nobody here wrote."""
 
 import gzip
+import http.client
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,9 +24,10 @@ import pytest
 
 from conftest import start_local_ray
 from drmi_ray.client import QueryBudgetExceeded, TargetClient, TargetError
-from drmi_ray.ledger import read_journal
-from drmi_ray.models import build_model, predict
+from drmi_ray.models import build_model, predict, predict_proba
 from drmi_ray.service import start_target, stop_target
+from drmi_ray.service_journal import read_journal
+from drmi_ray.service_protocol import round_probs, top1
 from drmi_ray.target import load_classifier, save_classifier
 
 
@@ -71,6 +74,23 @@ def paid(journal, key):
     return [r for r in read_journal(journal) if r["type"] == "answer" and r["key"] == key]
 
 
+def test_round_probs_keeps_its_decimals_and_top1_keeps_only_the_top_probability(lenet5_target, digits):
+    target, perm = lenet5_target
+    probs = predict_proba(target, digits[0][perm[1000:1050]])
+    r = round_probs(probs, 1)
+    assert r.dtype == np.float32
+    np.testing.assert_allclose(r * 10, np.round(r * 10), atol=1e-5)
+    assert np.abs(r - probs).max() <= 0.05 + 1e-6
+    t = top1(probs)
+    np.testing.assert_array_equal(t.argmax(1), probs.argmax(1))
+    assert ((t > 0).sum(1) == 1).all()
+    np.testing.assert_array_equal(t.max(1), probs.max(1))
+    with pytest.raises(ValueError, match="decimals"):
+        round_probs(probs, -1)
+    with pytest.raises(ValueError, match="probs must be"):
+        top1(probs[0])
+
+
 def test_answers_are_the_models_labels_and_metadata_says_the_input(served, digits):
     service, checkpoint, _ = served
     client = TargetClient(service.url, service.create_key("plain", budget=50), prefix="plain")
@@ -107,7 +127,9 @@ def test_100_threads_on_one_key_get_exactly_its_budget(served, digits):
 def test_100_ray_tasks_with_100_keys_each_get_exactly_their_own_budget(served, digits):
     ray = start_local_ray()
     service, _, journal = served
-    budgets = {f"task-{k}": 3 + k % 5 for k in range(100)}
+    sizes = {f"task-{k}": 1 + k % 2 for k in range(100)}  # images per request
+    # whole requests: each budget (2 to 6 requests' worth) is spent exactly, then the next is refused
+    budgets = {name: size * (2 + k % 5) for k, (name, size) in enumerate(sizes.items())}
     keys = {name: service.create_key(name, budget=b) for name, b in budgets.items()}
 
     @ray.remote(num_cpus=0.01)
@@ -119,10 +141,10 @@ def test_100_ray_tasks_with_100_keys_each_get_exactly_their_own_budget(served, d
             except QueryBudgetExceeded:
                 return answered
 
-    images = ray.put(digits[0][:2])  # 2 per request: an odd budget ends with one image left unasked
-    got = ray.get([spend.remote(service.url, keys[name], images) for name in budgets], timeout=300)
+    batches = {size: ray.put(digits[0][:size]) for size in (1, 2)}
+    got = ray.get([spend.remote(service.url, keys[name], batches[sizes[name]]) for name in budgets], timeout=300)
     for (name, budget), answered in zip(budgets.items(), got):
-        assert answered == budget - budget % 2
+        assert answered == budget
         assert service.usage(name)["used"] == sum(r["n"] for r in paid(journal, name)) == answered
 
 
@@ -275,11 +297,24 @@ def replica_pid(app: str, deployment: str) -> int:
     return alive[0]["Pid"]
 
 
-def test_model_replica_and_ledger_killed_mid_batch_lose_no_paid_answer(digits, serve_port, tmp_path):
+def send_unread(url, key, body, rid):
+    """POST an infer request; its open connection, the answer not read."""
+    where = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    connection.request("POST", where.path + "/v2/models/target/infer", json.dumps(body),
+                       headers={"Authorization": f"Bearer {key}", "Idempotency-Key": rid,
+                                "Content-Type": "application/json"})
+    return connection
+
+
+def test_killed_replicas_a_restarted_ledger_and_a_lost_answer_each_charge_a_request_once(digits, serve_port,
+                                                                                          tmp_path):
     """SIGKILL the model replica and the ledger while a batch is reserved and being computed
-    (an untrained ResNet-18 takes seconds on 512 images); the retry with the same request id is
-    answered and charged once. Then an answer lost on its way back (the ledger killed after the
-    journal write) is fetched again with the same request id, not charged again."""
+    (an untrained ResNet-18 takes seconds on 512 images): the retry with the same request id is
+    answered and charged once. The ledger killed after a request was answered comes back from the
+    journal: the same request id gets the stored answer, not charged again. An answer lost on its
+    way back (journaled and charged, then its connection closed unread) is fetched again with the
+    same request id, not charged again."""
     import torch
 
     start_local_ray()
@@ -290,7 +325,7 @@ def test_model_replica_and_ledger_killed_mid_batch_lose_no_paid_answer(digits, s
     journal = str(tmp_path / "journal.jsonl")
     service = start_target(checkpoint, journal, port=serve_port, app="slow")
     try:
-        key = service.create_key("big", budget=1024)
+        key = service.create_key("big", budget=1040)
         images = digits[0][:512]
         first = {}
 
@@ -321,10 +356,20 @@ def test_model_replica_and_ledger_killed_mid_batch_lose_no_paid_answer(digits, s
 
         second = client.infer(digits[0][512:1024], "big-1")
         os.kill(replica_pid("slow", "LedgerReplica"), signal.SIGKILL)  # after the journal write
-        np.testing.assert_array_equal(client.infer(digits[0][512:1024], "big-1"), second)
+        np.testing.assert_array_equal(client.infer(digits[0][512:1024], "big-1"), second)  # from the journal
         assert service.usage("big")["used"] == 1024 and [r["rid"] for r in paid(journal, "big")] == ["big-0", "big-1"]
+
+        lost = digits[0][1024:1040]
+        connection = send_unread(service.url, key, infer_body(lost, "big-2"), "big-2")
+        deadline = time.monotonic() + 60
+        while [r["rid"] for r in paid(journal, "big")][-1] != "big-2":  # journaled and charged: answered
+            assert time.monotonic() < deadline, "the request was never answered"
+            time.sleep(0.01)
+        connection.close()  # the client never reads that answer
+        np.testing.assert_array_equal(client.infer(lost, "big-2"), predict(load_classifier(checkpoint), lost))
+        assert service.usage("big")["used"] == 1040 and [r["rid"] for r in paid(journal, "big")][2:] == ["big-2"]
         with pytest.raises(QueryBudgetExceeded):
-            client.infer(digits[0][:1], "big-2")
+            client.infer(digits[0][:1], "big-3")
     finally:
         stop_target(service)
 

@@ -107,7 +107,7 @@ def test_spread_refuses_answers_out_of_range():
 
 
 def job_for(pool, budget, learn, graph):
-    from drmi_ray.experiment import substitute_job
+    from drmi_ray.referee import substitute_job
     from drmi_ray.models import TrainConfig
 
     picked = np.arange(budget)
@@ -142,7 +142,7 @@ def test_pool_mode_falls_back_to_the_answers_alone(small_pool, case):
 def test_synthetic_answers_join_the_fit_and_only_pool_answers_spread(small_pool):
     """jbda's synthetic images (index -1) are not graph nodes: they are fitted as answered, and
     only the real pool images' answers spread."""
-    from drmi_ray.experiment import substitute_job
+    from drmi_ray.referee import substitute_job
     from drmi_ray.models import TrainConfig
 
     images, mi, _ = small_pool

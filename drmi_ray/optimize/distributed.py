@@ -8,9 +8,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import ray
 
-from drmi_ray.optimize.search import TOL, Selection, _default_strength, _DenseState, _iterated_local_search, check_mi, select
-
+from drmi_ray.optimize.search import (TOL, Selection, _default_strength, _DenseState, _iterated_local_search, check_mi,
+                                      select)
+from drmi_ray.tiles import TileStore
 
 # ----------------------------------------------------------------------------- matrix sources
 
@@ -19,23 +21,19 @@ class MatrixSource:
     """Read access to an ``(n, n)`` MI matrix wherever it lives; opened inside each actor.
 
     ``source``: a ``.npy`` path (memory-mapped: actors share the page cache, nothing is copied),
-    a tile-store URL (``drmi_ray.matrix.TileStore``), an in-memory array, ``[object_ref]`` of an
+    a tile-store URL (``drmi_ray.tiles.TileStore``), an in-memory array, ``[object_ref]`` of an
     array in the object store, or any object with ``.n`` and ``.read_rows(rows) -> (len, n)``.
     """
 
     def __init__(self, source):
         self.array, self.store = None, None
         if isinstance(source, list) and len(source) == 1:  # [ref]: nested so Ray does not resolve it
-            import ray
-
             source = ray.get(source[0])
         if isinstance(source, np.ndarray):
             self.array = source
         elif isinstance(source, str) and source.endswith(".npy"):
             self.array = np.load(source, mmap_mode="r")
         elif isinstance(source, str):
-            from drmi_ray.matrix import TileStore
-
             self.store = TileStore(source)
         elif hasattr(source, "read_rows") and hasattr(source, "n"):
             self.store = source
@@ -133,8 +131,6 @@ class _ShardedState:
         self.proposals, self.progress, self.rounds = proposals, progress, 0
 
     def _rows(self, idx):
-        import ray
-
         idx = np.unique(np.asarray(idx, dtype=np.int64))
         owner = np.searchsorted(self.bounds, idx, side="right") - 1
         parts = [idx[owner == o] for o in np.unique(owner)]
@@ -170,8 +166,6 @@ class _ShardedState:
     def local_search(self):
         """Rounds: every shard proposes, the driver applies the best non-conflicting proposals
         whose gain, recomputed after the swaps before them, still improves."""
-        import ray
-
         while True:
             m, g = ray.put(self.members), ray.put(self.g)
             out = ray.get([s.propose.remote(m, g, self.proposals) for s in self.shards])
@@ -224,8 +218,6 @@ def select_distributed(source, k, *, num_actors: int = 2, restarts: int = 1, see
       ``{"round", "objective", "actors"}``.
     Other arguments as in ``select`` (``time_limit`` applies per restart).
     """
-    import ray
-
     if mode not in ("auto", "restarts", "shards"):
         raise ValueError(f"mode must be 'auto', 'restarts' or 'shards', got {mode!r}")
     if num_actors < 1 or restarts < 1:
@@ -289,8 +281,6 @@ def select_distributed(source, k, *, num_actors: int = 2, restarts: int = 1, see
 
 
 def _objective_from_rows(shards, bounds, idx):
-    import ray
-
     owner = np.searchsorted(bounds, idx, side="right") - 1
     rows = ray.get([shards[o].read.remote(idx[owner == o]) for o in np.unique(owner)])
     sub = np.concatenate(rows)[:, idx]

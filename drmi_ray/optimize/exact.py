@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 from numba import njit
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
 
 from drmi_ray.optimize.search import Selection, check_mi, objective
 
@@ -32,8 +34,6 @@ def exact_select(mi, k, *, method: str = "auto", time_limit: float | None = None
     if method != "milp":
         raise ValueError(f"method must be 'auto', 'brute' or 'milp', got {method!r}")
 
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
 
     pi, pj = np.triu_indices(n, 1)
     m = len(pi)
