@@ -15,8 +15,7 @@ from ray.exceptions import ActorDiedError, RayError, RayTaskError
 from drmi_ray import experiment, reduce, report
 from drmi_ray.acquisition import METHODS
 from drmi_ray.checks import check_address, check_exists, check_out
-from drmi_ray.config import (API_KEY_ENV, CHOICES, EVAL_KEY_ENV, ExperimentConfig, ReduceConfig, apply_protocol,
-                             quick)
+from drmi_ray.config import API_KEY_ENV, CHOICES, EVAL_KEY_ENV, ExperimentConfig, ReduceConfig, apply_protocol, quick
 from drmi_ray.runtime import log, setup_logging
 from drmi_ray.service import serve_forever
 from drmi_ray.service_protocol import OUTPUTS
@@ -132,6 +131,8 @@ REDUCE_FLAGS = [
     ("--num-actors", "num_actors", "optimizer actors for partitions above --dense-max"),
     ("--store-dtype", "store_dtype", "MI tile store values (float32 halves the storage; float64 is exact)"),
     ("--seed", "seed", "seed of the subset, k-means and the search"),
+]
+REDUCE_ATTACK_FLAGS = [  # drmi reduce's optional attack with the selection
     ("--target", "target", "a target checkpoint: query it with the selection, fit a substitute, attack"),
     ("--serve-port", "serve_port", "the target's HTTP port on 127.0.0.1 when this run starts Ray Serve "
                                    "(default: a free port; a taken one is refused)"),
@@ -151,7 +152,6 @@ REDUCE_FLAGS = [
     ("--eps", "attack.eps", "PGD L-inf radius"),
     ("--pgd-steps", "attack.steps", "PGD steps"),
 ]
-REDUCE_ATTACK_FLAGS = "--target"  # the flags from here on in REDUCE_FLAGS: the optional attack's group
 KINDS = {"int": int, "float": float, "str": str, "tuple[int, ...]": int_list, "tuple[str, ...]": str_list}
 
 
@@ -165,21 +165,19 @@ def setting(config, path: str):
 
 def add_flags(p, flags, defaults) -> None:
     """One option per flag of ``flags``, its type, choices and default from ``defaults`` (a config)."""
-    group = p
     for flag, path, text in flags:
-        if flag == REDUCE_ATTACK_FLAGS and flags is REDUCE_FLAGS:
-            group = p.add_argument_group("optional attack with the selection")
         names = flag.split()  # the flag and its short aliases
         f, value = setting(defaults, path)
         kind = str(f.type).split(" | ")[0]
         if kind == "bool":
-            group.add_argument(*names, dest=path, action="store_true", default=None, help=text)
+            p.add_argument(*names, dest=path, action="store_true", default=None, help=text)
             continue
         if value is not None and "(default" not in text:
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             text += f" (default {shown:,})" if isinstance(value, int) and value >= 10_000 else f" (default {shown})"
         metavar = None if path in CHOICES else names[0].lstrip("-").upper().replace("-", "_")
-        group.add_argument(*names, dest=path, choices=CHOICES.get(path), metavar=metavar, type=KINDS[kind], default=None, help=text)
+        p.add_argument(*names, dest=path, choices=CHOICES.get(path), metavar=metavar, type=KINDS[kind], default=None,
+                       help=text)
 
 
 def with_settings(config, values: dict):
@@ -262,6 +260,7 @@ def reduce_parser(sub) -> None:
     p.add_argument("--out", help="run folder (path or fsspec URL); default: a new folder under runs/")
     p.add_argument("--config", help="repeat a run from its config.json (flags given here override it)")
     add_flags(p, REDUCE_FLAGS, ReduceConfig())
+    add_flags(p.add_argument_group("optional attack with the selection"), REDUCE_ATTACK_FLAGS, ReduceConfig())
     p.add_argument("--address", help="Ray address (default: the `ray job submit` cluster, else a local Ray)")
     endpoint_arguments(p)
 
@@ -272,7 +271,7 @@ def reduce_config(args):
         missing = [flag for flag, path in (("--data", "data"), ("--budget", "budget")) if getattr(args, path) is None]
         if missing:
             raise ValueError(f"drmi reduce needs {' and '.join(missing)} (or --config RUN/config.json)")
-    config = apply_flags(config, args, REDUCE_FLAGS)
+    config = apply_flags(config, args, REDUCE_FLAGS + REDUCE_ATTACK_FLAGS)
     config.endpoint = endpoint_config(args, config.endpoint)
     return config
 

@@ -16,19 +16,18 @@ from dataclasses import dataclass, field
 
 import fsspec
 
-from drmi_ray.attack import AttackConfig
 from drmi_ray.acquisition import METHODS
+from drmi_ray.attack import AttackConfig
 from drmi_ray.checks import (ATTACK_FLAGS, MAX_SIZE, SEED_MAX, SUBSTITUTE_FLAGS, check_attack, check_bool,
                              check_checkpoint, check_choice, check_exists, check_int, check_number, check_source,
                              check_train, pool_images)
 from drmi_ray.data import MAX_PIXELS
 from drmi_ray.images import MIN_SIDE
-from drmi_ray.mi import COLOR_MODES, LEVELS
 from drmi_ray.matrix import DTYPES
+from drmi_ray.mi import COLOR_MODES, LEVELS
 from drmi_ray.models import AUGMENTS, MODEL_NAMES, TrainConfig
 from drmi_ray.service_protocol import OUTPUTS
 from drmi_ray.spread import LEARN_MODES
-
 
 PROTOCOLS = ("bundled-mnist", "paper-mnist", "paper-cifar10")
 PAPER_HELD_OUT = 10000  # torchvision MNIST / CIFAR-10 test sets: the paper's pool + test split

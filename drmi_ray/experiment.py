@@ -31,19 +31,19 @@ from contextlib import contextmanager
 import fsspec
 import numpy as np
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from fsspec.implementations.local import LocalFileSystem
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from drmi_ray import report
 from drmi_ray.acquisition import MI_METHODS, acquire
-from drmi_ray.client import TargetClient
 from drmi_ray.checks import check_out
+from drmi_ray.client import TargetClient
 from drmi_ray.config import ExperimentConfig
+from drmi_ray.ledger import key_conflicts
 from drmi_ray.matrix import compute_mi_matrix
 from drmi_ray.pools import load_data
 from drmi_ray.referee import fit_and_score, substitute_job, target_labels
 from drmi_ray.runtime import completed, init_ray, log, setup_logging, use_cpus
-from drmi_ray.ledger import key_conflicts
 from drmi_ray.service import run_target, service_record
 from drmi_ray.service_journal import check_service, read_journal
 from drmi_ray.spread import knn_graph

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from drmi_ray.mi import LEVELS, mi_block, to_codes
 from drmi_ray.mi_cpu import entropy_sums
 from drmi_ray.runtime import bounded, init_ray, log, use_cpus
-from drmi_ray.tiles import (CLAIM_TIMEOUT_S, DTYPES, TileClaims, TileStore, new_manifest, open_or_create,
-                            present_tiles, tile_grid, tile_path, tile_problem, tile_shape, write_tile)
+from drmi_ray.tiles import (CLAIM_TIMEOUT_S, DTYPES, TileClaims, TileStore, new_manifest, open_or_create, present_tiles,
+                            tile_grid, tile_path, tile_problem, tile_shape, write_tile)
 
 DEFAULT_TILE_SIZE = 1024  # 1M pairs: ~1.5 s on one idle CPU core, 0.02 s on an H200; 8 MB of float64
 
@@ -242,16 +242,17 @@ def bundles(sizes: dict[str, int], tile_size: int, cpus: int) -> list[list[str]]
 
 def compute_stores(images: np.ndarray, members: dict[str, np.ndarray], root: str, *, bins: int = LEVELS,
                    color: str = "flatten", tile_size: int = DEFAULT_TILE_SIZE, max_in_flight: int = 16,
-                   gpus_per_tile: float = 0.0, dtype: str = "float64", parallel: int = 4) -> dict:
+                   gpus_per_tile: float = 0.0, dtype: str = "float64", parallel: int = 4) -> tuple[dict, dict]:
     """The MI matrix of each group of ``images`` rows (``members``: name -> row indices, two or
     more) in its own tile store ``{root}/NAME``.
 
     Groups of at most ``tile_size`` images are computed in bundles, one Ray task per bundle
     (``compute_small_stores``); larger ones by ``compute_mi_matrix``, ``parallel`` at once so they
     still fill the cluster. Every store is the same either way (and resumable). Returns
-    ``{"pairs", "pairs_computed", "seconds"}``.
+    ``({name: store URL}, {"pairs", "pairs_computed", "seconds"})``.
     """
     sizes = {name: len(rows) for name, rows in members.items()}
+    stores = {name: f"{root}/{name}" for name in members}
     small = {name: n for name, n in sizes.items() if n <= tile_size}
     large = [name for name, n in sizes.items() if n > tile_size]
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -273,7 +274,7 @@ def compute_stores(images: np.ndarray, members: dict[str, np.ndarray], root: str
                      f"ETA {(pairs - state['done']) * el / max(state['done'], 1):.0f} s")
 
     def one_large(name: str) -> None:
-        store = compute_mi_matrix(images[members[name]], f"{root}/{name}", bins=bins, color=color,
+        store = compute_mi_matrix(images[members[name]], stores[name], bins=bins, color=color,
                                   tile_size=tile_size, max_in_flight=max_in_flight, num_gpus_per_task=gpus_per_tile,
                                   dtype=dtype, progress=parallel <= 1)
         progress([name], store.stats["pairs"])
@@ -282,7 +283,7 @@ def compute_stores(images: np.ndarray, members: dict[str, np.ndarray], root: str
         task = ray.remote(_bundle_task).options(num_cpus=1, num_gpus=gpus_per_tile, max_retries=3)
 
         def submit(group):
-            items = ray.put([(images[members[name]], f"{root}/{name}") for name in group])
+            items = ray.put([(images[members[name]], stores[name]) for name in group])
             return task.remote(items, bins, color, tile_size, dtype)
 
         for group, computed in bounded(submit, groups, max(2, 2 * cpus)):
@@ -291,4 +292,4 @@ def compute_stores(images: np.ndarray, members: dict[str, np.ndarray], root: str
     with ThreadPoolExecutor(max_workers=max(1, parallel) + 1) as ex:
         for done in as_completed([ex.submit(one_large, name) for name in large] + [ex.submit(all_small)]):
             done.result()
-    return {"pairs": pairs, "pairs_computed": state["computed"], "seconds": time.perf_counter() - t0}
+    return stores, {"pairs": pairs, "pairs_computed": state["computed"], "seconds": time.perf_counter() - t0}

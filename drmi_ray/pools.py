@@ -27,8 +27,7 @@ import fsspec
 import numpy as np
 
 from drmi_ray.config import PoolConfig, ReduceConfig
-from drmi_ray.data import (MAX_PIXELS, TORCHVISION_SOURCES, Pool, bundled_mnist, split_indices,
-                           torchvision_pool)
+from drmi_ray.data import MAX_PIXELS, TORCHVISION_SOURCES, Pool, bundled_mnist, split_indices, torchvision_pool
 from drmi_ray.images import DEGENERATE
 from drmi_ray.ingest import Listing, decode_pool, read_pool, thumbnails
 from drmi_ray.runtime import log

@@ -43,11 +43,11 @@ import ray
 import scipy.sparse as sp
 
 from drmi_ray import report
-from drmi_ray.drmi import seeded_shuffle
 from drmi_ray.checks import check_out
 from drmi_ray.client import TargetClient, labels_of
 from drmi_ray.config import ReduceConfig
 from drmi_ray.data import Pool
+from drmi_ray.drmi import seeded_shuffle
 from drmi_ray.ingest import THUMB
 from drmi_ray.matrix import compute_stores
 from drmi_ray.optimize import select_distributed
@@ -150,10 +150,10 @@ def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> tuple[dict, list[Parti
              f"budgets {min(budgets.values())}..{max(budgets.values())} (sum {c.budget})")
     t_mi = time.perf_counter()
     need = [p for p in parts if p.budget >= 1 and len(p.members) >= 2]  # the stores selection reads
-    mi_stats = compute_stores(pool.images, {p.name: p.members for p in need}, f"{out}/mi", bins=c.mi.bins,
-                              color=c.mi.color, tile_size=c.tile_size, max_in_flight=c.max_in_flight,
-                              gpus_per_tile=c.gpus_per_tile, dtype=c.store_dtype, parallel=c.parallel_partitions)
-    stores = {p.key: f"{out}/mi/{p.name}" for p in need}
+    urls, mi_stats = compute_stores(pool.images, {p.name: p.members for p in need}, f"{out}/mi", bins=c.mi.bins,
+                                    color=c.mi.color, tile_size=c.tile_size, max_in_flight=c.max_in_flight,
+                                    gpus_per_tile=c.gpus_per_tile, dtype=c.store_dtype, parallel=c.parallel_partitions)
+    stores = {p.key: urls[p.name] for p in need}
     t_sel = time.perf_counter()
     selected, objective = select_all(keys, parts, stores, c.budget, c)
     log.info(f"select: {len(selected)} images, objective {objective:.4f}, {time.perf_counter() - t_sel:.1f} s")
