@@ -188,7 +188,7 @@ def main():
     base = args.store or tempfile.mkdtemp(prefix="mi-scale-")
     # warm-up: workers start and load the compiled kernel before anything is timed
     compute_mi_matrix(scale_pool(600), os.path.join(base, "warmup"), tile_size=200, progress=False,
-                      num_gpus_per_task=gpus)
+                      gpus_per_tile=gpus)
 
     print(f"tiled Ray MI job, tile_size {tile_size}, {cpus} Ray CPUs"
           + (f", {gpus} GPU per tile task" if gpus else "") + f", {args.dtype} tiles; stores in {base}")
@@ -204,7 +204,7 @@ def main():
             with PeakMemory() as mem:
                 start = time.perf_counter()
                 store = compute_mi_matrix(images, url, tile_size=tile_size, dtype=args.dtype, progress=False,
-                                          num_gpus_per_task=gpus)
+                                          gpus_per_tile=gpus)
                 wall = time.perf_counter() - start
             pairs, computed, skipped = (store.stats[k] for k in ("pairs", "tiles_computed", "tiles_skipped"))
             tiles_column = f"{computed}/{computed + skipped}" if skipped else str(computed)

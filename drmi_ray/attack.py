@@ -38,25 +38,17 @@ import torch
 from torch import nn
 
 from .models import as_float_batch, check_labels, predict
+from .settings import SEED_MAX, Checked, setting
 
 
 @dataclass
-class AttackConfig:
-    eps: float = 0.3
-    step_size: float = 0.01
-    steps: int = 40
-    random_start: bool = True
-    seed: int = 0
-    batch_size: int = 128
-
-    def __post_init__(self):
-        if not 0 <= self.eps <= 1:
-            raise ValueError(f"eps: expected a value in [0, 1], got {self.eps}")
-        if not self.step_size > 0 or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"step_size must be > 0 and steps an int >= 0, got "
-                             f"{self.step_size}, {self.steps}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {self.batch_size}")
+class AttackConfig(Checked):
+    eps: float = setting(0.3, flag="--eps", help="PGD L-inf radius", least=0, most=1, fix="pixels are in [0, 1]")
+    step_size: float = setting(0.01, above=0, most=1)
+    steps: int = setting(40, flag="--pgd-steps", help="PGD steps", least=0, most=100_000)
+    random_start: bool = setting(True)
+    seed: int = setting(0, least=0, most=SEED_MAX)
+    batch_size: int = setting(128, most=65_536)
 
     def to_dict(self) -> dict:
         return asdict(self)

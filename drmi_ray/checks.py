@@ -1,14 +1,13 @@
-"""The checks at the door: each setting's bounds, as one-line ValueErrors.
+"""The checks at the door that look past one setting's bounds: paths and URLs that must exist, a
+run folder that must be writable, a checkpoint that must load, a Ray address, a pool's image count.
 
-``option`` is what the user typed (the CLI flag, or the ``config.json`` key when there is no
-flag); every message names it and says what to do. Used by the settings' own ``check`` methods
-(``config.py``) and by the CLI before a run starts.
+``option`` is what the user typed (the CLI flag); every message names it and says what to do.
+Used by the runs' ``check`` methods (``config.py``) and by the CLI before a run starts. A
+setting's own bounds are declared with it (``settings.setting``).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import re
 import uuid
@@ -17,48 +16,12 @@ import fsspec
 
 from drmi_ray.data import TORCHVISION_SOURCES
 from drmi_ray.ingest import list_pool
-from drmi_ray.models import AUGMENTS, MODEL_NAMES
+from drmi_ray.settings import check_choice, check_int  # noqa: F401 - drmi serve's checks (service.py)
 from drmi_ray.target import load_checkpoint
 
+MAX_SIZE = 4096  # --size: a 4096 x 4096 RGB image is 50 MB decoded
 BUNDLED_IMAGES = 5000  # the bundled MNIST digits (drmi_ray.data.bundled_mnist)
 TORCHVISION_IMAGES = {"mnist": 60000, "mnist-test": 10000, "cifar10": 50000, "cifar10-test": 10000}
-
-
-def check_int(option: str, value, *, minimum: int = 1, maximum: int | None = None, none_ok: bool = False,
-              fix: str = "") -> None:
-    """``value`` is an int (not a bool) in ``minimum..maximum``, or None when ``none_ok``."""
-    if value is None and none_ok:
-        return
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
-    if ok and maximum is not None:
-        ok = value <= maximum
-    if not ok:
-        if minimum == 1:
-            want = "a positive integer" + (f" up to {maximum:,}" if maximum is not None else "")
-        else:
-            want = f"an integer in {minimum}..{maximum:,}" if maximum is not None else f"an integer >= {minimum}"
-        raise ValueError(f"{option} must be {want}, got {value!r}" + (f"; {fix}" if fix else ""))
-
-
-def check_number(option: str, value, *, above: float | None = None, at_least: float | None = None,
-                 at_most: float | None = None, none_ok: bool = False, fix: str = "") -> None:
-    """``value`` is a finite real number (not a bool, NaN or infinity) with ``value > above``, ``>= at_least``,
-    ``<= at_most``, or None when ``none_ok``."""
-    if value is None and none_ok:
-        return
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
-    ok = ok and (at_most is None or value <= at_most)
-    if not ok:
-        lower = f"> {above:g}" if above is not None else f">= {at_least:g}" if at_least is not None else ""
-        upper = f"<= {at_most:g}" if at_most is not None else ""
-        want = " and ".join(x for x in (lower, upper) if x) or "a number"
-        raise ValueError(f"{option} must be a number {want}, got {value!r}" + (f"; {fix}" if fix else ""))
-
-
-def check_choice(option: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{option} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def check_exists(option: str, url: str | None, what: str) -> None:
@@ -107,53 +70,6 @@ def check_source(option: str, source: str, *, download: bool) -> None:
             check_exists(option, root or ".", f"the torchvision {name} data (or pass --download)")
         return
     check_exists(option, source, "the pool (an ImageFolder tree or Parquet shards)")
-
-
-SEED_MAX = 2**32 - 1  # seeds: numpy's and torch's common range
-MAX_SIZE = 4096  # --size: a 4096 x 4096 RGB image is 50 MB decoded
-# the training (models.TrainConfig) and PGD (attack.AttackConfig) settings' bounds: (least, most)
-TRAIN_BOUNDS = {"epochs": (1, 10_000), "min_steps": (0, 10_000_000), "batch_size": (1, 65_536),
-                "num_classes": (2, 100_000), "seed": (0, SEED_MAX)}
-ATTACK_BOUNDS = {"steps": (0, 100_000), "batch_size": (1, 65_536), "seed": (0, SEED_MAX)}
-# drmi reduce's flags for them (other fields have no flag)
-SUBSTITUTE_FLAGS = {"model": "--substitute", "epochs": "--epochs", "min_steps": "--min-steps",
-                    "batch_size": "--train-batch"}
-ATTACK_FLAGS = {"eps": "--eps", "steps": "--pgd-steps"}
-
-
-def check_train(settings: dict, option) -> None:
-    """Bounds of a classifier's training settings (``models.TrainConfig`` fields; those absent from
-    ``settings`` are not checked). A dict, so the CLI can check its flags before the dataclass,
-    which names no flag, refuses them. ``option(field)``: what the user typed for ``field``."""
-    if "model" in settings:
-        check_choice(option("model"), settings["model"], MODEL_NAMES)
-    for name, (least, most) in TRAIN_BOUNDS.items():
-        if name in settings:
-            check_int(option(name), settings[name], minimum=least, maximum=most)
-    if "lr" in settings:
-        check_number(option("lr"), settings["lr"], above=0, at_most=10)
-    if "weight_decay" in settings:
-        check_number(option("weight_decay"), settings["weight_decay"], at_least=0, at_most=10)
-    if "augment" in settings:
-        check_choice(option("augment"), settings["augment"], AUGMENTS)
-
-
-def check_attack(settings: dict, option) -> None:
-    """Bounds of PGD's settings (``attack.AttackConfig`` fields), as ``check_train``."""
-    if "eps" in settings:
-        check_number(option("eps"), settings["eps"], at_least=0, at_most=1, fix="pixels are in [0, 1]")
-    if "step_size" in settings:
-        check_number(option("step_size"), settings["step_size"], above=0, at_most=1)
-    for name, (least, most) in ATTACK_BOUNDS.items():
-        if name in settings:
-            check_int(option(name), settings[name], minimum=least, maximum=most)
-    if "random_start" in settings:
-        check_bool(option("random_start"), settings["random_start"])
-
-
-def check_bool(option: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{option} must be true or false, got {value!r}")
 
 
 def check_checkpoint(option: str, url: str | None) -> None:

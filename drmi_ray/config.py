@@ -1,10 +1,13 @@
-"""Configuration as data: one dataclass per stage, gathered in ``ExperimentConfig`` (``drmi run``)
-and ``ReduceConfig`` (``drmi reduce`` and the jobs).
+"""Configuration as data: one dataclass per stage (pool, MI, selection, target, substitute, attack,
+endpoint), nested the same way in ``ExperimentConfig`` (``drmi run``) and ``ReduceConfig``
+(``drmi reduce`` and the jobs).
 
-Each run's settings check themselves (``check``: one-line errors naming the flag, before any work)
-and every run folder holds them as ``config.json``, so a run can be repeated from its own folder
-(``drmi run --config RUN/config.json``, ``drmi reduce --config RUN/config.json``). The CLI's
-flags, their types, defaults and choices (``CHOICES``) come from here.
+Each setting is declared once (``settings.setting``: default, flag, help, bounds); each stage checks
+its own fields when it is made, and each run's ``check`` adds what needs several fields or a look
+at the disk (one-line errors naming the flag, before any work). Every run folder holds its
+settings as ``config.json``, so a run can be repeated from its own folder (``drmi run --config
+RUN/config.json``, ``drmi reduce --config RUN/config.json``). The CLI's flags, their types,
+defaults, choices and help come from here.
 """
 
 from __future__ import annotations
@@ -12,77 +15,117 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import fsspec
 
 from drmi_ray.acquisition import METHODS
 from drmi_ray.attack import AttackConfig
-from drmi_ray.checks import (ATTACK_FLAGS, MAX_SIZE, SEED_MAX, SUBSTITUTE_FLAGS, check_attack, check_bool,
-                             check_checkpoint, check_choice, check_exists, check_int, check_number, check_source,
-                             check_train, pool_images)
+from drmi_ray.checks import MAX_SIZE, check_checkpoint, check_exists, check_source, pool_images
 from drmi_ray.data import MAX_PIXELS
 from drmi_ray.images import MIN_SIDE
-from drmi_ray.matrix import DTYPES
+from drmi_ray.matrix import DEFAULT_TILE_SIZE, DTYPES
 from drmi_ray.mi import COLOR_MODES, LEVELS
-from drmi_ray.models import AUGMENTS, MODEL_NAMES, TrainConfig
+from drmi_ray.models import TrainConfig
 from drmi_ray.service_protocol import OUTPUTS
+from drmi_ray.settings import SEED_MAX, Checked, check_int, setting
 from drmi_ray.spread import LEARN_MODES
 
 PROTOCOLS = ("bundled-mnist", "paper-mnist", "paper-cifar10")
 PAPER_HELD_OUT = 10000  # torchvision MNIST / CIFAR-10 test sets: the paper's pool + test split
 PARTITIONS = ("kmeans", "label", "none")  # drmi reduce: see reduce.partition_pool
-# the choices of the settings that have them, by their path in ExperimentConfig or ReduceConfig
-CHOICES = {"pool.protocol": PROTOCOLS, "substitute.model": MODEL_NAMES, "substitute.augment": AUGMENTS,
-           "mi.color": COLOR_MODES, "target.output": OUTPUTS, "learn": LEARN_MODES, "partition": PARTITIONS,
-           "store_dtype": DTYPES}
+IMAGES_PER_CLUSTER = DEFAULT_TILE_SIZE  # drmi reduce's default k-means granularity: one tile per cluster
 
 
 @dataclass
-class PoolConfig:
-    protocol: str = "bundled-mnist"  # settings: apply_protocol below; the split: pools.load_data
-    source: str = "bundled-mnist"  # see drmi_ray.pools.load_pool
-    target_train: int = 2000  # images the target is trained on (the attacker never sees them)
-    pool: int = 2000  # the attacker's unlabeled pool
-    test: int = 1000  # held-out truth for accuracy, fidelity and transfer
-    split_seed: int = 0
-    size: int | None = None  # resize image files to size x size
-    download: bool = False
+class PoolConfig(Checked):
+    """``drmi run``'s pool protocol: the target's training images, the attacker's pool and the test split."""
+
+    protocol: str = setting("bundled-mnist", flag="--protocol", choices=PROTOCOLS,
+                            help="the paper's settings; paper-* read torchvision data under --data-root")
+    source: str = setting("bundled-mnist", flag="--pool",  # see drmi_ray.pools.load_pool
+                          help="pool source: bundled-mnist, mnist:ROOT, cifar10:ROOT, or a URL")
+    target_train: int = setting(2000, most=10**8)  # images the target is trained on (the attacker never sees them)
+    pool: int = setting(2000, flag="--pool-size", help="images in the attacker's pool", most=10**8)
+    test: int = setting(1000, flag="--test-size", help="images in the test split", most=10**8)
+    split_seed: int = setting(0, least=0, most=SEED_MAX)
+    size: int | None = setting(None, least=MIN_SIDE, most=MAX_SIZE)  # resize image files to size x size
+    download: bool = setting(False, flag="--download", help="let torchvision download MNIST / CIFAR-10 into ROOT")
 
 
 @dataclass
-class MIConfig:
-    bins: int = 256  # grey levels of the joint histogram (R = 255 in the paper: 256 levels)
-    color: str = "flatten"  # "flatten" all channels, or "luminance"
+class MIConfig(Checked):
+    """What the pairwise MI is (bins, colour) and how its tile store is computed and kept."""
+
+    bins: int = setting(256, flag="--bins", help="MI grey levels", least=2, most=LEVELS,
+                        fix="give the grey levels per pixel (default 256)")  # R = 255 in the paper: 256 levels
+    color: str = setting("flatten", flag="--color", choices=COLOR_MODES, help="MI colour mode")
+    tile_size: int = setting(DEFAULT_TILE_SIZE, flag="--tile-size", help="MI tile side", most=16_384)
+    store_dtype: str = setting("float64", flag="--store-dtype", choices=DTYPES,
+                               help="MI tile store values (float32 halves the storage; float64 is exact)")
+    max_in_flight: int | None = setting(None, flag="--max-in-flight", most=10_000,
+                                        help="MI tiles in flight at once (default: twice the cluster's CPUs)")
+    gpus_per_tile: float = setting(0.0, flag="--gpus-per-tile", least=0, most=16, fix="0 computes MI tiles on CPUs",
+                                   help="GPUs each MI tile task asks for (0: CPU)")
+
+    def store_options(self) -> dict:
+        """``matrix.compute_mi_matrix``'s (and ``compute_stores``') options for these settings."""
+        return {"bins": self.bins, "color": self.color, "tile_size": self.tile_size, "dtype": self.store_dtype,
+                "max_in_flight": self.max_in_flight, "gpus_per_tile": self.gpus_per_tile}
 
 
 @dataclass
-class SelectionConfig:
-    methods: tuple[str, ...] = ("drmi", "random")
-    budgets: tuple[int, ...] = (50, 100, 200, 400, 600)
-    seeds: int = 1  # seeds first_seed..first_seed+seeds-1 per (method, budget) cell
-    first_seed: int = 0
+class SelectionConfig(Checked):
+    methods: tuple[str, ...] = setting(("drmi", "random"), flag="--methods",
+                                       help=f"comma-separated methods, or 'all': {', '.join(METHODS)} (all are "
+                                            "label-free: no method reads the pool's labels)")
+    budgets: tuple[int, ...] = setting((50, 100, 200, 400, 600), flag="--budgets", help="comma-separated query budgets")
+    seeds: int = setting(1, flag="--seeds", help="seeds per (method, budget) cell", most=1_000,
+                         fix="give the number of seeds per (method, budget) cell")
+    first_seed: int = setting(0, least=0, most=SEED_MAX)  # seeds first_seed..first_seed+seeds-1 per cell
 
 
 @dataclass
-class TargetConfig:
-    checkpoint: str | None = None  # use this trained target instead of training one
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(model="c3f2", epochs=12))
-    rate_limit: float | None = None  # images/s the target answers; None = unlimited
-    output: str = "label"  # what a query returns: "label", "probs", "top1" or "rounded"
-    decimals: int = 2  # output="rounded": decimals kept
-    prada_delta: float | None = 0.95  # PRADA detector's Shapiro-Wilk threshold; None = off
-    burst: float = 1.0  # images the rate limiter lets through at once (with rate_limit)
-    replicas: int = 1  # model replicas behind the target's HTTP API (Ray Serve)
+class TargetConfig(Checked):
+    """The target of ours: its checkpoint (or how to train one) and how its HTTP API answers and meters."""
+
+    checkpoint: str | None = setting(None, flag="--target",
+                                     help="a trained target checkpoint to attack (drmi run trains one when it is not given)")
+    train: TrainConfig = setting(factory=lambda: TrainConfig(model="c3f2", epochs=12), flag=False)
+    rate_limit: float | None = setting(None, flag="--rate-limit", above=0, most=1e9,
+                                       help="target's answer rate in images/s (default unlimited)",
+                                       fix="give images/s, or leave the flag out for no limit")
+    output: str = setting("label", flag="--output", choices=OUTPUTS, help="what the target answers")
+    decimals: int = setting(2, least=0, most=10)  # output="rounded": decimals kept
+    # PRADA detector's Shapiro-Wilk threshold; None = off (--no-prada)
+    prada_delta: float | None = setting(0.95, above=0, most=1, fix="use --no-prada to switch the detector off")
+    burst: float = setting(1.0, flag="--burst", above=0, most=1e9, help="images the rate limiter lets through at once",
+                           fix="give how many images may pass at once (default 1)")
+    replicas: int = setting(1, flag="--target-replicas", most=256, help="model replicas behind the target's HTTP API")
     host: str = "127.0.0.1"  # where Serve's HTTP proxy listens (0.0.0.0: reachable from other nodes)
-    port: int | None = None  # Serve's HTTP port, when this run starts Serve; None = a free port
+    port: int | None = setting(None, flag="--serve-port", most=65535,
+                               help="the target's HTTP port when this run starts Ray Serve (default: a free port; "
+                                    "a taken one is refused)")
+
+    def service_options(self) -> dict:
+        """``service.run_target``'s options for this target."""
+        return {"output": self.output, "decimals": self.decimals, "replicas": self.replicas, "host": self.host,
+                "port": self.port}
+
+    def key_settings(self, budget: int) -> dict:
+        """An API key's settings: its budget and the target's rate limit and PRADA threshold."""
+        return {"budget": budget, "rate_limit": self.rate_limit, "burst": self.burst, "prada_delta": self.prada_delta}
+
+    def client_batch(self) -> int | None:
+        """Images per request a client of this target sends: a rate limit's burst (None: no limit)."""
+        return None if self.rate_limit is None else max(1, int(self.burst))
 
 
 API_KEY_ENV, EVAL_KEY_ENV = "DRMI_API_KEY", "DRMI_EVAL_API_KEY"
 
 
 @dataclass
-class EndpointConfig:
+class EndpointConfig(Checked):
     """An outside prediction endpoint to attack by URL (``--target-url``) in place of a target of
     ours: any Open Inference Protocol v2 server (Triton, KServe, MLServer, ``drmi serve``).
 
@@ -92,16 +135,29 @@ class EndpointConfig:
     and each substitute's adversarial examples, at most ``eval_budget`` images in all.
     """
 
-    url: str | None = None  # None: no outside endpoint
-    model: str = "target"  # the model's name at the endpoint
-    input_name: str | None = None  # the input contract; None: read from the model's metadata
-    datatype: str | None = None
-    shape: tuple[int, ...] | None = None  # one image's shape, e.g. (784,) or (1, 28, 28)
-    output: str | None = None  # the output to ask for; None: the model's only one
-    max_batch: int = 64  # images per request
-    eval_budget: int | None = None  # the referee's queries at most; None: as many as it needs
-    api_key: str | None = field(default=None, repr=False)
-    eval_api_key: str | None = field(default=None, repr=False)
+    url: str | None = setting(None, flag="--target-url",
+                              help="the endpoint's base URL (the part before /v2/...): the run's queries are spent "
+                                   "there, and the referee scores black-box (see the README)")
+    model: str = setting("target", flag="--target-model", help="the model's name at the endpoint")
+    input_name: str | None = setting(None, flag="--target-input", help="the input's name (default: from the "
+                                                                       "model's metadata)")
+    datatype: str | None = setting(None, flag="--target-datatype",
+                                   help="the input's datatype, e.g. UINT8 or FP32 (FP32: pixels scaled to 0..1; "
+                                        "default: from the metadata)")
+    shape: tuple[int, ...] | None = setting(None, flag="--target-shape",
+                                            help="one image's shape at the input, e.g. 784 or 1,28,28 (default: from "
+                                                 "the metadata)")
+    output: str | None = setting(None, flag="--target-output",
+                                 help="the output to ask for: labels or probability rows (default: the model's only "
+                                      "output)")
+    max_batch: int = setting(64, flag="--target-max-batch", most=1_000_000, help="images per request")
+    eval_budget: int | None = setting(None, flag="--eval-budget", least=0,
+                                      help="refuse to start when the referee could need more queries than this")
+    api_key: str | None = setting(None, flag="--api-key", repr=False,
+                                  help=f"the API key the attack's queries are charged to (default ${API_KEY_ENV})")
+    eval_api_key: str | None = setting(None, flag="--eval-api-key", repr=False,
+                                       help=f"the key the referee's queries are charged to: the test images and the "
+                                            f"adversarial examples (default ${EVAL_KEY_ENV}, else --api-key)")
 
     def keys(self) -> tuple[str, str]:
         """The attack's and the referee's API keys; a one-line ValueError when there is none."""
@@ -117,13 +173,15 @@ class EndpointConfig:
 
     def check(self) -> None:
         if self.url is None:
+            given = [f for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+            if given:  # it would be ignored
+                flag = given[0].metadata["flag"]
+                raise ValueError(f"{flag} applies to an outside endpoint only: give --target-url too, or leave {flag} out")
             return
         if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
             raise ValueError(f"--target-url must be an http:// or https:// base URL, got {self.url!r}")
         if not isinstance(self.model, str) or not self.model or "/" in self.model:
             raise ValueError(f"--target-model must be a model name, got {self.model!r}")
-        check_int("--target-max-batch", self.max_batch, maximum=1_000_000)
-        check_int("--eval-budget", self.eval_budget, minimum=0, none_ok=True)
         if self.shape is not None:
             if not self.shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in self.shape):
                 raise ValueError(f"--target-shape must list one image's positive dims, like 784 or 1,28,28; "
@@ -134,18 +192,41 @@ class EndpointConfig:
         return {**dataclasses.asdict(self), "api_key": None, "eval_api_key": None}
 
 
+# substitutes learn from "answers", the whole "pool" (spread answers) or "auto" (spread.use_pool)
+LEARN_HELP = ("what a substitute learns from: the target's answers alone, or the whole unlabeled pool with the "
+              "answers spread over the MI graph (the pool's own labels are never read); auto picks by the rule in "
+              "drmi_ray/spread.py (C3F2 substitutes gain nothing from the pool; LeNet-5 ones gain accuracy and "
+              "transfer: see the README)")
+
+
+@dataclass
 class RunSettings:
-    """What both runs' settings (``ExperimentConfig``, ``ReduceConfig``) share: dumped to and loaded
-    from the run folder's ``config.json`` the same way (``--config``), API keys never written."""
+    """What both runs' settings (``ExperimentConfig``, ``ReduceConfig``) share: how substitutes learn
+    and are attacked, the outside endpoint, and ``config.json`` (dumped and loaded the same way:
+    ``--config``; API keys never written)."""
+
+    # "answers" and no augmentation by default: C3F2 substitutes gain nothing from the pool, LeNet-5 ones
+    # do (README, "Does the selection beat random? Does the pool?"); drmi reduce's graph is per partition
+    learn: str = setting("answers", flag="--learn", choices=LEARN_MODES, help=LEARN_HELP)
+    attack: AttackConfig = setting(factory=AttackConfig, help="PGD attack")
+    substitute_workers: int = setting(1, flag="--substitute-workers", least=0, most=1_024,
+                                      help="Ray Train workers per substitute fit (0 = local mode)",
+                                      fix="0 fits in Ray Train's local mode")
+    substitute_gpu: bool = setting(False, flag="--substitute-gpu", help="fit substitutes on GPUs (one per worker)")
+    endpoint: EndpointConfig = setting(factory=EndpointConfig, help="attack an outside endpoint (any Open Inference "
+                                                                   "Protocol v2 server) instead of --target")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "endpoint": self.endpoint.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict):
-        def build(kind, values):
+        def build(kind, values, where):
             if not isinstance(values, dict):
-                raise ValueError(f"{kind.__name__} settings must be a JSON object, got {type(values).__name__}")
+                raise ValueError(f"{where or kind.__name__} settings must be a JSON object, got {type(values).__name__}")
+            unknown = set(values) - {f.name for f in dataclasses.fields(kind)}
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} settings {sorted(unknown)}; check the config file")
             kwargs = {}
             for f in dataclasses.fields(kind):
                 if f.name not in values:
@@ -153,16 +234,16 @@ class RunSettings:
                 value = values[f.name]
                 sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
                 if dataclasses.is_dataclass(sub):
-                    value = build(type(sub), value)
+                    value = build(type(sub), value, where + f.name + ".")
                 elif isinstance(value, list):
                     value = tuple(value)
                 kwargs[f.name] = value
-            unknown = set(values) - {f.name for f in dataclasses.fields(kind)}
-            if unknown:
-                raise ValueError(f"unknown {kind.__name__} settings {sorted(unknown)}; check the config file")
-            return kind(**kwargs)
+            try:
+                return kind(**kwargs)
+            except ValueError as err:  # a stage refused one of its own fields: say where it is
+                raise ValueError(f"{where}{err}") from None
 
-        return build(cls, data)
+        return build(cls, data, "")
 
     @classmethod
     def load(cls, path: str):
@@ -170,30 +251,34 @@ class RunSettings:
             return cls.from_dict(json.load(f))
 
 
+def check_run_target(target: TargetConfig, endpoint: EndpointConfig, referee_queries: int) -> None:
+    """Both runs' target: a checkpoint we serve or an outside endpoint, never both; the referee's
+    ``referee_queries`` at most within the endpoint's ``--eval-budget``."""
+    check_checkpoint("--target", target.checkpoint)
+    endpoint.check()
+    if endpoint.url and target.checkpoint:
+        raise ValueError("--target and --target-url: give one (a checkpoint we serve, or an endpoint to attack)")
+    if endpoint.url and endpoint.eval_budget is not None and endpoint.eval_budget < referee_queries:
+        raise ValueError(f"--eval-budget {endpoint.eval_budget}: the referee may need {referee_queries} queries (the "
+                         "test images once, then each substitute's adversarial examples); raise it, or lower "
+                         "--test-size")
+
+
 @dataclass
-class ExperimentConfig(RunSettings):
-    pool: PoolConfig = field(default_factory=PoolConfig)
-    mi: MIConfig = field(default_factory=MIConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    target: TargetConfig = field(default_factory=TargetConfig)
-    substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="c3f2"))
-    # substitutes learn from "answers", the whole "pool" (spread answers) or "auto" (spread.use_pool);
-    # "answers" and no augmentation by default: C3F2 substitutes gain nothing from the pool, LeNet-5 ones
-    # do (README, "Does the selection beat random? Does the pool?")
-    learn: str = "answers"
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    substitute_workers: int = 1  # Ray Train workers per substitute fit; 0 = Train's local mode
-    substitute_gpu: bool = False  # fit substitutes on GPUs (each worker takes one)
-    endpoint: EndpointConfig = field(default_factory=EndpointConfig)  # attack an outside endpoint instead
+class ExperimentConfig(RunSettings, Checked):
+    """``drmi run`` / ``jobs/mnist.py``: methods x budgets x seeds on one pool protocol."""
+
+    pool: PoolConfig = setting(factory=PoolConfig, help="the pool and its splits")
+    mi: MIConfig = setting(factory=MIConfig, help="mutual information")
+    selection: SelectionConfig = setting(factory=SelectionConfig, help="selection")
+    target: TargetConfig = setting(factory=TargetConfig, help="the target")
+    substitute: TrainConfig = setting(factory=lambda: TrainConfig(model="c3f2"), help="substitutes")
 
     def check(self) -> None:
         """Refuse a configuration that cannot run, before any work is done (no Ray, no image decoded;
-        a pool URL is listed to bound the splits by its image count).
-
-        Each refusal is a ValueError of one line naming the ``drmi run`` flag (or, for settings with
-        no flag, the ``self.json`` key) and the fix.
-        """
-        pc, sel, tc = self.pool, self.selection, self.target
+        a pool URL is listed to bound the splits by its image count): what no one stage can check
+        alone. Each refusal is a ValueError of one line naming the ``drmi run`` flag and the fix."""
+        pc, sel = self.pool, self.selection
         unknown = [m for m in sel.methods if m not in METHODS]
         if isinstance(sel.methods, str) or not sel.methods or unknown:
             raise ValueError(f"--methods: unknown method(s) {unknown or list(sel.methods)}; "
@@ -202,16 +287,6 @@ class ExperimentConfig(RunSettings):
             raise ValueError(f"--budgets must list at least one budget, like 50,100,200; got {sel.budgets!r}")
         for budget in sel.budgets:
             check_int("--budgets", budget, minimum=2, fix="each budget must be at least 2 queries")
-        check_int("--seeds", sel.seeds, maximum=1_000, fix="give the number of seeds per (method, budget) cell")
-        check_int("selection.first_seed (self.json)", sel.first_seed, minimum=0, maximum=SEED_MAX)
-        # pool and splits
-        check_choice("--protocol", pc.protocol, PROTOCOLS)
-        check_int("--pool-size", pc.pool, maximum=10**8)
-        check_int("--test-size", pc.test, maximum=10**8)
-        check_int("pool.target_train (self.json)", pc.target_train, maximum=10**8)
-        check_int("pool.split_seed (self.json)", pc.split_seed, minimum=0, maximum=SEED_MAX)
-        check_int("pool.size (self.json)", pc.size, minimum=MIN_SIDE, maximum=MAX_SIZE, none_ok=True)
-        check_bool("--download", pc.download)
         if max(sel.budgets) > pc.pool:
             raise ValueError(f"--budgets: budget {max(sel.budgets)} is larger than the attacker's pool ({pc.pool} images); "
                              "lower the budget or enlarge the pool with --pool-size")
@@ -225,155 +300,83 @@ class ExperimentConfig(RunSettings):
             if pc.target_train + pc.pool + pc.test > n:
                 raise ValueError(f"--pool-size {pc.pool} + --test-size {pc.test} + {pc.target_train} target training "
                                  f"images exceed the {n:,} images of {pc.source}; lower --pool-size or --test-size")
-        # MI
-        check_int("--bins", self.mi.bins, minimum=2, maximum=LEVELS, fix="give the grey levels per pixel (default 256)")
-        check_choice("--color", self.mi.color, COLOR_MODES)
-        # the target
-        check_checkpoint("--target", tc.checkpoint)
-        self.endpoint.check()
-        if self.endpoint.url:
-            if tc.checkpoint:
-                raise ValueError("--target and --target-url: give one (a checkpoint we serve, or an endpoint to attack)")
-            cells = len(sel.methods) * len(sel.budgets) * sel.seeds
-            most = pc.test * (1 + cells)  # the test split once, then each substitute's adversarial examples
-            if self.endpoint.eval_budget is not None and self.endpoint.eval_budget < most:
-                raise ValueError(f"--eval-budget {self.endpoint.eval_budget}: the referee may need {most} queries (the "
-                                 f"{pc.test} test images, then up to {pc.test} adversarial examples for each of {cells} "
-                                 "substitutes); raise it, or lower --test-size")
-        check_number("--rate-limit", tc.rate_limit, above=0, at_most=1e9, none_ok=True,
-                     fix="give images/s, or leave the flag out for no limit")
-        check_number("--burst", tc.burst, above=0, at_most=1e9, fix="give how many images may pass at once (default 1)")
-        check_int("--target-replicas", tc.replicas, maximum=256)
-        check_int("--serve-port", tc.port, minimum=1, maximum=65535, none_ok=True)
-        check_choice("--output", tc.output, OUTPUTS)
-        check_int("target.decimals (self.json)", tc.decimals, minimum=0, maximum=10)
-        check_number("target.prada_delta (self.json)", tc.prada_delta, above=0, at_most=1, none_ok=True,
-                     fix="use --no-prada to switch the detector off")
-        check_train(dataclasses.asdict(tc.train), lambda f: f"target.train.{f} (self.json)")
-        # substitutes and PGD
-        check_train(dataclasses.asdict(self.substitute),
-                    lambda f: "--substitute" if f == "model" else f"substitute.{f} (self.json)")
-        check_attack(dataclasses.asdict(self.attack), lambda f: f"attack.{f} (self.json)")
-        check_choice("--learn", self.learn, LEARN_MODES)
-        check_int("--substitute-workers", self.substitute_workers, minimum=0, maximum=1_024,
-                  fix="0 fits in Ray Train's local mode")
-        check_bool("substitute_gpu (self.json)", self.substitute_gpu)
-
-
-def apply_protocol(config: ExperimentConfig, protocol: str, root: str = "data") -> ExperimentConfig:
-    """Settings of the paper's experiments.
-
-    ``bundled-mnist``: the 5,000 bundled digits, split 2,000 / 2,000 / 1,000 (target / pool / test).
-    ``paper-mnist``: torchvision MNIST under ``root``; the target trains on the 60k training set,
-    the attacker's pool and the test split are disjoint halves of the 10k test set.
-    ``paper-cifar10``: the same with CIFAR-10 (50k training set; 5k pool, 5k test) and ResNet18 as
-    target and substitute; PGD with eps 8/255, step 2/255, 10 steps.
-    """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    r = dataclasses.replace
-    if protocol == "bundled-mnist":
-        return r(config, pool=r(config.pool, protocol=protocol, source="bundled-mnist"))
-    name = "mnist" if protocol == "paper-mnist" else "cifar10"
-    config = r(config, pool=r(config.pool, protocol=protocol, source=f"{name}:{root}",
-                              target_train=60000 if name == "mnist" else 50000, pool=5000, test=5000))
-    if name == "cifar10":
-        config.target = r(config.target, train=r(config.target.train, model="resnet18", epochs=30))
-        config.substitute = r(config.substitute, model="resnet18")
-        config.attack = r(config.attack, eps=8 / 255, step_size=2 / 255, steps=10)
-    return config
-
-
-def quick(config: ExperimentConfig) -> ExperimentConfig:
-    """The few-minute version: smaller pool and test set, two budgets, a LeNet-5 target and LeNet-5
-    substitutes (a LeNet-5 fit and its PGD take seconds of CPU where C3F2's take half a minute:
-    the target trains in 5 s instead of 33 s, to 95% instead of 96% on the test split)."""
-    config = dataclasses.replace(config)
-    config.pool = dataclasses.replace(config.pool, pool=600, test=500)
-    config.selection = dataclasses.replace(config.selection, budgets=(50, 200))
-    config.substitute = dataclasses.replace(config.substitute, model="lenet5")
-    if config.target.train.model == "c3f2":  # the digits' target (paper-cifar10 keeps its ResNet)
-        config.target = dataclasses.replace(config.target, train=dataclasses.replace(config.target.train, model="lenet5"))
-    return config
+        cells = len(sel.methods) * len(sel.budgets) * sel.seeds
+        check_run_target(self.target, self.endpoint, pc.test * (1 + cells))
 
 
 @dataclass
-class ReduceConfig(RunSettings):
-    """``drmi reduce`` / ``jobs/imagenet.py`` / ``jobs/cifar10.py``: pool -> the K least redundant
-    images (``selection.json``), and optionally query/fit/attack with them (``target`` set)."""
+class ReducePoolConfig(Checked):
+    """``drmi reduce``'s pool (decoded from files or a named source) and the referee's held-out images."""
 
-    data: str = "bundled-mnist"  # see drmi_ray.pools.load_pool: a name or an ImageFolder / Parquet URL
-    budget: int = 100  # K, the images selected (and queried, with a target)
-    size: int | None = None  # decode image files to size x size (None: their own size, all equal)
-    rgb: bool = False  # decode image files as RGB (default grey)
-    pool_size: int | None = None  # a seeded random subset of this many images
-    download: bool = False  # torchvision sources: download into ROOT
-    max_pixels: int = MAX_PIXELS  # larger image files are skipped (decompression bombs)
-    batch_files: int = 512  # files per decode unit
-    partition: str = "kmeans"  # "kmeans" (label-free), "label" (the pool's own labels) or "none"
-    clusters: int | None = None  # k-means clusters (default one per IMAGES_PER_CLUSTER images)
-    mi: MIConfig = field(default_factory=MIConfig)
-    tile_size: int = 1300  # MI tile side: about one ImageNet class per tile
-    max_in_flight: int = 16  # MI tiles in flight per partition
-    gpus_per_tile: float = 0.0  # GPUs each MI tile task asks for (0: the CPU kernel)
-    store_dtype: str = "float64"  # MI tile store values ("float32" halves the storage)
-    parallel_partitions: int = 4  # partitions whose MI is computed at once
-    dense_max: int = 20000  # larger partitions are searched by Ray actors reading the tile store
-    num_actors: int = 4  # optimizer actors for a partition above dense_max
-    seed: int = 0
-    # the optional attack with the selection
-    target: str | None = None  # a target checkpoint: serve it over HTTP and query it with the selection
-    serve_port: int | None = None  # the target's port on 127.0.0.1 when this run starts Ray Serve; None: a free one
-    test: str | None = None  # the referee's labelled held-out pool (default: unselected pool images)
-    test_size: int = 500
-    substitute: TrainConfig = field(default_factory=lambda: TrainConfig(model="resnet18", epochs=10, min_steps=100,
-                                                                       batch_size=64))
-    learn: str = "answers"  # as ExperimentConfig.learn, the graph from each partition's tile store
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    substitute_workers: int = 1  # Ray Train workers for the substitute; 0 = Train's local mode
-    substitute_gpu: bool = False
-    endpoint: EndpointConfig = field(default_factory=EndpointConfig)  # query an outside endpoint instead of target
+    source: str = setting("bundled-mnist", flag="--data",  # see drmi_ray.pools.load_pool
+                          help="the pool: an ImageFolder tree or Parquet shards (path or fsspec URL), bundled-mnist, "
+                               "mnist:ROOT or cifar10:ROOT (default: none, required unless --config gives it)")
+    pool: int | None = setting(None, flag="--pool-size", most=10**9,
+                               help="use a seeded random subset of this many pool images")
+    size: int | None = setting(None, flag="--size", least=MIN_SIDE, most=MAX_SIZE,
+                               help="decode image files to SIZE x SIZE (default: their own size, all equal)",
+                               fix=f"images are decoded to SIZE x SIZE; smaller than {MIN_SIDE} leaves nothing to compare")
+    rgb: bool = setting(False, flag="--rgb", help="decode image files as RGB (default grey)")
+    download: bool = setting(False, flag="--download", help="let torchvision download mnist:/cifar10: data into ROOT")
+    max_pixels: int = setting(MAX_PIXELS, flag="--max-pixels", most=10**9,
+                              help="skip (and list) image files above this many pixels (decompression bombs)")
+    batch_files: int = setting(512, flag="--batch-files", most=100_000, help="files per decode unit")
+    test_source: str | None = setting(None, flag="--test",
+                                      help="the referee's labelled held-out ImageFolder/Parquet (default: the "
+                                           "source's test split for mnist:/cifar10:, else unselected labelled pool "
+                                           "images)")
+    test: int = setting(500, flag="--test-size", most=10**7, help="referee's held-out images")
+
+
+@dataclass
+class ReduceSelectionConfig(Checked):
+    """``drmi reduce``'s selection: K images, per partition of the pool."""
+
+    budget: int = setting(100, flag="--budget -k", most=10**9, fix="give K, the number of images to select",
+                          help="K, the number of images to select (default: none, required unless --config gives it)")
+    partition: str = setting("kmeans", flag="--partition", choices=PARTITIONS,
+                             help="MI and selection per k-means cluster of the images (label-free), per class using "
+                                  "the pool's own labels (class folders / 'label' column: only if you want labels "
+                                  "used), or one global matrix")
+    clusters: int | None = setting(None, flag="--clusters", most=100_000,
+                                   help=f"k-means clusters (default: one per {IMAGES_PER_CLUSTER:,} images)")
+    parallel_partitions: int = setting(4, flag="--parallel-partitions", most=1_000,
+                                       help="partitions whose MI is computed at once")
+    dense_max: int = setting(20000, flag="--dense-max", most=50_000,
+                             help="partitions up to this size select on a dense matrix; larger ones use Ray actors")
+    num_actors: int = setting(4, flag="--num-actors", most=1_024, help="optimizer actors for partitions above --dense-max")
+    seed: int = setting(0, flag="--seed", least=0, most=SEED_MAX,
+                        help="seed of the subset, k-means, the search and the substitute")
+
+
+@dataclass
+class ReduceConfig(RunSettings, Checked):
+    """``drmi reduce`` / ``jobs/imagenet.py`` / ``jobs/cifar10.py``: pool -> the K least redundant
+    images (``selection.json``), and optionally query/fit/attack with them (``target.checkpoint`` or
+    ``endpoint.url`` set)."""
+
+    pool: ReducePoolConfig = setting(factory=ReducePoolConfig, help="the pool")
+    mi: MIConfig = setting(factory=MIConfig, help="mutual information")
+    selection: ReduceSelectionConfig = setting(factory=ReduceSelectionConfig, help="selection")
+    # no PRADA by default: a key's detector keeps every queried image (journal and memory) and compares
+    # each with all earlier ones, too much for an ImageNet-sized budget; target.train is drmi run's only
+    target: TargetConfig = setting(factory=lambda: TargetConfig(prada_delta=None),
+                                   help="the target (optional): query it with the selection, fit a substitute, attack")
+    substitute: TrainConfig = setting(factory=lambda: TrainConfig(model="resnet18", epochs=10, min_steps=100),
+                                      help="the substitute")
 
     def check(self) -> None:
         """Refuse settings that cannot run, before any work (no Ray, no image decoded): one-line
         ValueErrors naming the ``drmi reduce`` flag and the fix. A pool URL is listed (not decoded)
         to bound --budget, --pool-size and --clusters by its image count."""
-        check_int("--budget", self.budget, maximum=10**9, fix="give K, the number of images to select")
-        bounds = {"tile_size": 16_384, "max_in_flight": 10_000, "parallel_partitions": 1_000, "dense_max": 50_000,
-                  "num_actors": 1_024, "batch_files": 100_000, "max_pixels": 10**9, "test_size": 10**7}
-        for name, most in bounds.items():
-            check_int("--" + name.replace("_", "-"), getattr(self, name), maximum=most)
-        check_int("--size", self.size, minimum=MIN_SIDE, maximum=MAX_SIZE, none_ok=True,
-                  fix=f"images are decoded to SIZE x SIZE; smaller than {MIN_SIDE} leaves nothing to compare")
-        check_int("--pool-size", self.pool_size, maximum=10**9, none_ok=True)
-        check_int("--clusters", self.clusters, maximum=100_000, none_ok=True)
-        if self.pool_size is not None and self.budget > self.pool_size:
-            raise ValueError(f"--budget {self.budget} is larger than --pool-size {self.pool_size}; lower the budget or "
+        pc, sel = self.pool, self.selection
+        if pc.pool is not None and sel.budget > pc.pool:
+            raise ValueError(f"--budget {sel.budget} is larger than --pool-size {pc.pool}; lower the budget or "
                              "enlarge the pool")
-        check_int("--seed", self.seed, minimum=0, maximum=SEED_MAX)
-        check_int("--serve-port", self.serve_port, minimum=1, maximum=65535, none_ok=True)
-        check_choice("--partition", self.partition, PARTITIONS)
-        check_choice("--store-dtype", self.store_dtype, DTYPES)
-        check_number("--gpus-per-tile", self.gpus_per_tile, at_least=0, at_most=16, fix="0 computes MI tiles on CPUs")
-        check_int("--bins", self.mi.bins, minimum=2, maximum=LEVELS, fix="give the grey levels per pixel (default 256)")
-        check_choice("--color", self.mi.color, COLOR_MODES)
-        check_choice("--learn", self.learn, LEARN_MODES)
-        check_int("--substitute-workers", self.substitute_workers, minimum=0, maximum=1_024,
-                  fix="0 fits in Ray Train's local mode")
-        for name in ("rgb", "download", "substitute_gpu"):
-            check_bool("--" + name.replace("_", "-"), getattr(self, name))
-        check_train(dataclasses.asdict(self.substitute), lambda f: SUBSTITUTE_FLAGS.get(f, f"substitute.{f}"))
-        check_attack(dataclasses.asdict(self.attack), lambda f: ATTACK_FLAGS.get(f, f"attack.{f}"))
-        check_source("--data", self.data, download=self.download)
-        check_checkpoint("--target", self.target)
-        self.endpoint.check()
-        if self.endpoint.url and self.target:
-            raise ValueError("--target and --target-url: give one (a checkpoint we serve, or an endpoint to attack)")
-        if self.endpoint.url and self.endpoint.eval_budget is not None and self.endpoint.eval_budget < 2 * self.test_size:
-            raise ValueError(f"--eval-budget {self.endpoint.eval_budget}: the referee may need {2 * self.test_size} queries "
-                             f"(the {self.test_size} test images, then their adversarial examples); raise it, or lower --test-size")
-        check_exists("--test", self.test, "a labelled ImageFolder tree or Parquet shards")
-        n = pool_images(self.data)  # last: a URL is listed
-        for option, value in (("--budget", self.budget), ("--pool-size", self.pool_size), ("--clusters", self.clusters)):
+        check_source("--data", pc.source, download=pc.download)
+        check_run_target(self.target, self.endpoint, 2 * pc.test)
+        check_exists("--test", pc.test_source, "a labelled ImageFolder tree or Parquet shards")
+        n = pool_images(pc.source)  # last: a URL is listed
+        for option, value in (("--budget", sel.budget), ("--pool-size", pc.pool), ("--clusters", sel.clusters)):
             if value is not None and value > n:
-                raise ValueError(f"{option} {value} is larger than the pool ({n:,} images in {self.data}); lower {option}")
+                raise ValueError(f"{option} {value} is larger than the pool ({n:,} images in {pc.source}); lower {option}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torchvision
+from PIL import Image, UnidentifiedImageError
 
 from drmi_ray.images import degenerate, to_uint8
 
@@ -76,8 +77,6 @@ def decode_image(data: bytes, *, size: int | None = None, mode: str = "L",
     and on a degenerate image (``images.degenerate``: smaller than 8x8, blank, nearly constant),
     with a reason that starts with ``images.DEGENERATE``.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
@@ -106,7 +105,6 @@ def decode_image(data: bytes, *, size: int | None = None, mode: str = "L",
 def _to_8bit(img):
     """A PIL image in an 8-bit mode PIL's ``convert`` reads right: 16-bit, 32-bit and float
     modes scaled by ``to_uint8`` (``convert`` clips them), transparency composited on black."""
-    from PIL import Image
 
     if img.mode in ("I", "F") or img.mode.startswith("I;"):
         return Image.fromarray(to_uint8(np.asarray(img)))  # 2-D uint8: mode L

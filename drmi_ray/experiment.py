@@ -38,7 +38,7 @@ from drmi_ray import report
 from drmi_ray.acquisition import MI_METHODS, acquire
 from drmi_ray.checks import check_out
 from drmi_ray.client import TargetClient
-from drmi_ray.config import ExperimentConfig
+from drmi_ray.config import PROTOCOLS, ExperimentConfig
 from drmi_ray.ledger import key_conflicts
 from drmi_ray.matrix import compute_mi_matrix
 from drmi_ray.pools import load_data
@@ -60,6 +60,43 @@ class Timings(dict):
         log.info(f"{name} done in {self[name]:.1f} s")
 
 
+def apply_protocol(config: ExperimentConfig, protocol: str, root: str = "data") -> ExperimentConfig:
+    """Settings of the paper's experiments.
+
+    ``bundled-mnist``: the 5,000 bundled digits, split 2,000 / 2,000 / 1,000 (target / pool / test).
+    ``paper-mnist``: torchvision MNIST under ``root``; the target trains on the 60k training set,
+    the attacker's pool and the test split are disjoint halves of the 10k test set.
+    ``paper-cifar10``: the same with CIFAR-10 (50k training set; 5k pool, 5k test) and ResNet18 as
+    target and substitute; PGD with eps 8/255, step 2/255, 10 steps.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    r = dataclasses.replace
+    if protocol == "bundled-mnist":
+        return r(config, pool=r(config.pool, protocol=protocol, source="bundled-mnist"))
+    name = "mnist" if protocol == "paper-mnist" else "cifar10"
+    config = r(config, pool=r(config.pool, protocol=protocol, source=f"{name}:{root}",
+                              target_train=60000 if name == "mnist" else 50000, pool=5000, test=5000))
+    if name == "cifar10":
+        config.target = r(config.target, train=r(config.target.train, model="resnet18", epochs=30))
+        config.substitute = r(config.substitute, model="resnet18")
+        config.attack = r(config.attack, eps=8 / 255, step_size=2 / 255, steps=10)
+    return config
+
+
+def quick(config: ExperimentConfig) -> ExperimentConfig:
+    """The few-minute version: smaller pool and test set, two budgets, a LeNet-5 target and LeNet-5
+    substitutes (a LeNet-5 fit and its PGD take seconds of CPU where C3F2's take half a minute:
+    the target trains in 5 s instead of 33 s, to 95% instead of 96% on the test split)."""
+    config = dataclasses.replace(config)
+    config.pool = dataclasses.replace(config.pool, pool=600, test=500)
+    config.selection = dataclasses.replace(config.selection, budgets=(50, 200))
+    config.substitute = dataclasses.replace(config.substitute, model="lenet5")
+    if config.target.train.model == "c3f2":  # the digits' target (paper-cifar10 keeps its ResNet)
+        config.target = dataclasses.replace(config.target, train=dataclasses.replace(config.target.train, model="lenet5"))
+    return config
+
+
 def cell_name(cell) -> str:
     """A cell's client name at the target (its API key's name and request-id prefix)."""
     method, budget, seed = cell
@@ -77,12 +114,6 @@ def acquire_cell(cell, pool_images, mi, client_settings, substitute_config):
     client = TargetClient(**client_settings, prefix=cell_name(cell))
     got = acquire(method, pool_images, budget, client.query, seed=seed, mi=mi, substitute_config=substitute_config)
     return got.images, got.labels, got.indices, client.answered
-
-
-def key_settings(config: ExperimentConfig, budget: int) -> dict:
-    """The API key of a cell: its budget and the target's rate limit and PRADA settings."""
-    tc = config.target
-    return {"budget": budget, "rate_limit": tc.rate_limit, "burst": tc.burst, "prada_delta": tc.prada_delta}
 
 
 def acquire_all(cells, config, service, pool_ref, mi_ref, saved_dir):
@@ -107,9 +138,8 @@ def acquire_all(cells, config, service, pool_ref, mi_ref, saved_dir):
     for cell in cells:
         saved = os.path.join(saved_dir, f"{cell_name(cell)}.npz")
         if service:
-            key = service.create_key(cell_name(cell), **key_settings(config, cell[1]))
-            burst = None if config.target.rate_limit is None else max(1, int(config.target.burst))
-            settings = {"url": service.url, "key": key, "max_batch": burst}
+            key = service.create_key(cell_name(cell), **config.target.key_settings(cell[1]))
+            settings = {"url": service.url, "key": key, "max_batch": config.target.client_batch()}
         else:
             settings = config.endpoint.client_settings(config.endpoint.keys()[0])
         if os.path.exists(saved):
@@ -150,7 +180,7 @@ def check_resume(config: ExperimentConfig, work: str) -> None:
     if records and os.path.exists(checkpoint):
         check_service(journal, records, service_record(checkpoint, tc.output, tc.decimals))
     sel = config.selection
-    wanted = {cell_name((m, b, s)): key_settings(config, b)
+    wanted = {cell_name((m, b, s)): tc.key_settings(b)
               for b in sel.budgets for s in range(sel.first_seed, sel.first_seed + sel.seeds) for m in sel.methods}
     clash = key_conflicts(records, wanted)
     if clash:
@@ -201,7 +231,7 @@ def run_experiment(config: ExperimentConfig, out: str, *, address: str | None = 
     mi = None
     if any(m in MI_METHODS for m in sel.methods) or config.learn != "answers":
         with timings.stage("MI matrix"):
-            store = compute_mi_matrix(data.pool, f"{out.rstrip('/')}/mi", bins=config.mi.bins, color=config.mi.color)
+            store = compute_mi_matrix(data.pool, f"{out.rstrip('/')}/mi", **config.mi.store_options())
             mi = store.to_dense()
 
     cells = [(method, budget, seed) for budget in sel.budgets for seed in range(sel.first_seed, sel.first_seed + sel.seeds) for method in sel.methods]
@@ -211,8 +241,7 @@ def run_experiment(config: ExperimentConfig, out: str, *, address: str | None = 
             log.info(f"target: the endpoint {endpoint.url}/v2/models/{endpoint.model}/infer")
             acquired = acquire_all(cells, config, None, ray.put(data.pool), ray.put(mi), os.path.join(work, "acquired"))
         else:
-            with run_target(referee, out, output=tc.output, decimals=tc.decimals, replicas=tc.replicas,
-                            host=tc.host, port=tc.port) as service:
+            with run_target(referee, out, **tc.service_options()) as service:
                 log.info(f"target: serving at {service.url}/v2/models/{service.model}/infer")
                 acquired = acquire_all(cells, config, service, ray.put(data.pool), ray.put(mi),
                                        os.path.join(work, "acquired"))

@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 
 from .architectures import C3F2, DNN5, InceptionV3, LeNet5, resnet
 from .images import check_images
+from .settings import SEED_MAX, Checked, setting
 
 AUGMENTS = ("none", "digits", "photos", "auto")
 AUGMENT_GROUP = 8  # images per random transform: one draw per image costs 10x more than the transform
@@ -148,7 +149,7 @@ def pool_tensors(pool):
 # --------------------------------------------------------------------------- training
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     """How a classifier (target or substitute) is trained.
 
     Defaults: C3F2, Adam lr 1e-3, no weight decay, batch 64, 20 epochs but at least 300
@@ -157,29 +158,19 @@ class TrainConfig:
     accuracy in ~20 s on one (shared) CPU core; LeNet-5 with ``lr=2e-3`` reaches 94% in ~3-12 s.
     """
 
-    model: str = "c3f2"
-    epochs: int = 20
-    min_steps: int = 300
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    num_classes: int = 10
-    seed: int = 0
-    augment: str = "none"  # "none", "digits", "photos" or "auto" (see the module doc)
-
-    def __post_init__(self):
-        if self.model not in _BUILDERS:
-            raise ValueError(f"model: unknown name {self.model!r}; expected one of "
-                             f"{sorted(_BUILDERS)}")
-        for f in ("epochs", "min_steps", "batch_size", "num_classes"):
-            v = getattr(self, f)
-            if not isinstance(v, (int, np.integer)) or v < (1 if f != "min_steps" else 0):
-                raise ValueError(f"{f}: expected a positive int, got {v!r}")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"augment: expected one of {', '.join(AUGMENTS)}, got {self.augment!r}")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, "
-                             f"{self.weight_decay}")
+    model: str = setting("c3f2", flag="--substitute", help="substitute architecture (random init)",
+                         choices=MODEL_NAMES)
+    epochs: int = setting(20, flag="--epochs", help="substitute training epochs", most=10_000)
+    min_steps: int = setting(300, flag="--min-steps", help="substitute optimizer steps at least", least=0,
+                             most=10_000_000)
+    batch_size: int = setting(64, flag="--train-batch", help="substitute training batch", most=65_536)
+    lr: float = setting(1e-3, above=0, most=10)
+    weight_decay: float = setting(0.0, least=0, most=10)
+    num_classes: int = setting(10, least=2, most=100_000)
+    seed: int = setting(0, least=0, most=SEED_MAX)
+    augment: str = setting("none", flag="--augment", choices=AUGMENTS,
+                           help="substitute training augmentation: digits (small affine moves), photos (crop and "
+                                "flip), auto (by channels), none")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from drmi_ray.config import PoolConfig, ReduceConfig
+from drmi_ray.config import PoolConfig, ReducePoolConfig
 from drmi_ray.data import MAX_PIXELS, TORCHVISION_SOURCES, Pool, bundled_mnist, split_indices, torchvision_pool
 from drmi_ray.images import DEGENERATE
 from drmi_ray.ingest import Listing, decode_pool, read_pool, thumbnails
@@ -109,21 +109,21 @@ def load_data(pc: PoolConfig) -> Data:
 
 # --------------------------------------------------------------------------- drmi reduce's pool
 
-def load_reduce_pool(c: ReduceConfig) -> Pool:
+def load_reduce_pool(c: ReducePoolConfig, seed: int) -> Pool:
     """``drmi reduce``'s pool, every image named (``paths``) and with thumbnails for k-means; a
-    seeded random subset of ``c.pool_size`` images when set."""
-    if named_source(c.data):
-        pool = load_pool(c.data, download=c.download)
+    seeded random subset of ``c.pool`` images when set."""
+    if named_source(c.source):
+        pool = load_pool(c.source, download=c.download)
         if c.size is not None and pool.images.shape[1] != c.size:
-            raise ValueError(f"{c.data} images are {pool.images.shape[1]} pixels wide; --size applies to image files only")
-        pool.paths = [f"{c.data}#{i}" for i in range(len(pool))]
+            raise ValueError(f"{c.source} images are {pool.images.shape[1]} pixels wide; --size applies to image files only")
+        pool.paths = [f"{c.source}#{i}" for i in range(len(pool))]
     else:  # bad files are skipped and listed in selection.json, never an error
-        pool = read_pool(c.data, size=c.size, mode="RGB" if c.rgb else "L", max_pixels=c.max_pixels,
+        pool = read_pool(c.source, size=c.size, mode="RGB" if c.rgb else "L", max_pixels=c.max_pixels,
                          batch_files=c.batch_files)
-    if c.pool_size is not None:
-        if c.pool_size > len(pool):
-            raise ValueError(f"pool_size {c.pool_size} is larger than the pool ({len(pool)} images); lower it")
-        keep = np.sort(np.random.default_rng(c.seed).choice(len(pool), c.pool_size, replace=False))
+    if c.pool is not None:
+        if c.pool > len(pool):
+            raise ValueError(f"--pool-size {c.pool} is larger than the pool ({len(pool)} images); lower it")
+        keep = np.sort(np.random.default_rng(seed).choice(len(pool), c.pool, replace=False))
         pool = Pool(pool.images[keep], pool.labels[keep], [pool.paths[i] for i in keep], pool.classes,
                     pool.skipped, None if pool.thumbs is None else pool.thumbs[keep], pool.stats)
     if pool.thumbs is None:
@@ -131,21 +131,22 @@ def load_reduce_pool(c: ReduceConfig) -> Pool:
     return pool
 
 
-def referee_test(pool: Pool, selected: np.ndarray, c: ReduceConfig, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """The referee's labelled held-out images at the target's geometry: ``c.test``; else a named
-    source's own test split (``held_out_source``); else up to ``test_size`` unselected labelled
-    pool images (the labels are the referee's, never the attacker's)."""
-    rng = np.random.default_rng(c.seed)
+def referee_test(pool: Pool, selected: np.ndarray, c: ReducePoolConfig, shape: tuple,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The referee's labelled held-out images at the target's geometry, ``c.test`` at most: from
+    ``c.test_source``; else a named source's own test split (``held_out_source``); else unselected
+    labelled pool images (the labels are the referee's, never the attacker's)."""
+    rng = np.random.default_rng(seed)
     mode = "L" if len(shape) == 2 else "RGB"
-    source = c.test or held_out_source(c.data)
+    source = c.test_source or held_out_source(c.source)
     if source:
-        test = load_pool(source, size=None if c.test is None else shape[0], mode=mode, download=c.download,
+        test = load_pool(source, size=None if c.test_source is None else shape[0], mode=mode, download=c.download,
                          on_error="skip")
-        pick = np.sort(rng.permutation(len(test))[: c.test_size])
+        pick = np.sort(rng.permutation(len(test))[: c.test])
         images, labels = test.images[pick], test.labels[pick]
     else:
         rest = np.setdiff1d(np.flatnonzero(pool.labels >= 0), selected)
-        rest = np.sort(rng.permutation(rest)[: c.test_size])
+        rest = np.sort(rng.permutation(rest)[: c.test])
         if len(rest) == 0:
             raise ValueError("--target: no labelled images left for the referee; pass --test URL")
         images, labels = at_geometry(pool, rest, shape), pool.labels[rest]

@@ -1,8 +1,10 @@
 """Reduce: a pool of any size -> the K least redundant images, on Ray; optionally attack with them.
 
-    from drmi_ray.config import ReduceConfig
+    from drmi_ray.config import ReduceConfig, ReducePoolConfig, ReduceSelectionConfig
     from drmi_ray.reduce import run_reduce
-    result = run_reduce(ReduceConfig(data="s3://bucket/imagenet/train", budget=10000, size=64), "s3://bucket/run")
+    config = ReduceConfig(pool=ReducePoolConfig(source="s3://bucket/imagenet/train", size=64),
+                          selection=ReduceSelectionConfig(budget=10000))
+    result = run_reduce(config, "s3://bucket/run")
 
 ``drmi reduce``, ``jobs/imagenet.py`` and ``jobs/cifar10.py`` are front ends to ``run_reduce``.
 Stages (each prints progress; a rerun into the same ``out`` resumes the MI stage tile by tile):
@@ -45,7 +47,7 @@ import scipy.sparse as sp
 from drmi_ray import report
 from drmi_ray.checks import check_out
 from drmi_ray.client import TargetClient, labels_of
-from drmi_ray.config import ReduceConfig
+from drmi_ray.config import IMAGES_PER_CLUSTER, ReduceConfig
 from drmi_ray.data import Pool
 from drmi_ray.drmi import seeded_shuffle
 from drmi_ray.ingest import THUMB
@@ -59,8 +61,6 @@ from drmi_ray.service import run_target
 from drmi_ray.spread import knn_graph
 from drmi_ray.target import load_checkpoint
 from drmi_ray.tiles import TileStore
-
-IMAGES_PER_CLUSTER = 1300  # default k-means granularity: about one ImageNet class per cluster
 
 
 # --------------------------------------------------------------------------- 2. partition
@@ -116,19 +116,19 @@ def select_all(keys: np.ndarray, parts: list[Partition], stores: dict[int, str],
     def partition_mi(indices):
         return TileStore(stores[int(keys[indices[0]])]).to_dense()
 
-    big = [p for p in parts if len(p.members) > c.dense_max and 2 <= p.budget < len(p.members)]
+    big = [p for p in parts if len(p.members) > c.selection.dense_max and 2 <= p.budget < len(p.members)]
     small = np.ones(len(keys), dtype=bool)
     chosen, objective = [], 0.0
     for p in big:
-        log.info(f"select: {p.name} has {len(p.members):,} images > dense_max; {c.num_actors} optimizer actors")
-        sel = select_distributed(stores[p.key], p.budget, num_actors=c.num_actors, seed=c.seed)
+        log.info(f"select: {p.name} has {len(p.members):,} images > dense_max; {c.selection.num_actors} optimizer actors")
+        sel = select_distributed(stores[p.key], p.budget, num_actors=c.selection.num_actors, seed=c.selection.seed)
         chosen.append(p.members[sel.indices])
         objective += sel.objective
         small[p.members] = False
     if small.any():
         rest = np.flatnonzero(small)
         k_rest = budget - sum(p.budget for p in big)
-        sel = select_partitioned(keys[rest], k_rest, lambda idx: partition_mi(rest[idx]), seed=c.seed)
+        sel = select_partitioned(keys[rest], k_rest, lambda idx: partition_mi(rest[idx]), seed=c.selection.seed)
         chosen.append(rest[sel.indices])
         objective += sel.objective
     return np.sort(np.concatenate(chosen)), float(objective)
@@ -137,28 +137,27 @@ def select_all(keys: np.ndarray, parts: list[Partition], stores: dict[int, str],
 def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> tuple[dict, list[Partition]]:
     """Partition, compute MI per partition, select per partition; returns selection.json's dict
     and the partitions (their members and tile stores: the attack's pool graph)."""
-    if c.budget > len(pool):
-        raise ValueError(f"budget {c.budget} is larger than the pool ({len(pool)} decodable images, "
+    if c.selection.budget > len(pool):
+        raise ValueError(f"budget {c.selection.budget} is larger than the pool ({len(pool)} decodable images, "
                          f"{len(pool.skipped)} skipped); lower --budget")
     t0 = time.perf_counter()
-    keys, parts = partition_pool(pool, c.partition, clusters=c.clusters, seed=c.seed)
-    budgets = partition_budgets(keys, c.budget)  # proportional to size, largest remainder, sum = K
+    keys, parts = partition_pool(pool, c.selection.partition, clusters=c.selection.clusters, seed=c.selection.seed)
+    budgets = partition_budgets(keys, c.selection.budget)  # proportional to size, largest remainder, sum = K
     for p in parts:
         p.budget = budgets[p.key]
     sizes = [len(p.members) for p in parts]
-    log.info(f"partition: {c.partition}, {len(parts)} partition(s) of {min(sizes)}..{max(sizes)} images; "
-             f"budgets {min(budgets.values())}..{max(budgets.values())} (sum {c.budget})")
+    log.info(f"partition: {c.selection.partition}, {len(parts)} partition(s) of {min(sizes)}..{max(sizes)} images; "
+             f"budgets {min(budgets.values())}..{max(budgets.values())} (sum {c.selection.budget})")
     t_mi = time.perf_counter()
     need = [p for p in parts if p.budget >= 1 and len(p.members) >= 2]  # the stores selection reads
-    urls, mi_stats = compute_stores(pool.images, {p.name: p.members for p in need}, f"{out}/mi", bins=c.mi.bins,
-                                    color=c.mi.color, tile_size=c.tile_size, max_in_flight=c.max_in_flight,
-                                    gpus_per_tile=c.gpus_per_tile, dtype=c.store_dtype, parallel=c.parallel_partitions)
+    urls, mi_stats = compute_stores(pool.images, {p.name: p.members for p in need}, f"{out}/mi",
+                                    parallel=c.selection.parallel_partitions, **c.mi.store_options())
     stores = {p.key: urls[p.name] for p in need}
     t_sel = time.perf_counter()
-    selected, objective = select_all(keys, parts, stores, c.budget, c)
+    selected, objective = select_all(keys, parts, stores, c.selection.budget, c)
     log.info(f"select: {len(selected)} images, objective {objective:.4f}, {time.perf_counter() - t_sel:.1f} s")
-    if len(selected) != c.budget:
-        raise RuntimeError(f"selection has {len(selected)} images, expected {c.budget}")
+    if len(selected) != c.selection.budget:
+        raise RuntimeError(f"selection has {len(selected)} images, expected {c.selection.budget}")
     inside = np.zeros(len(pool), dtype=bool)
     inside[selected] = True
     mi_seconds = t_sel - t_mi
@@ -166,11 +165,11 @@ def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> tuple[dict, list[Parti
         p.store = stores.get(p.key)
     return {
         "format": "drmi-selection", "version": 1,
-        "data": c.data, "budget": int(c.budget), "partition": c.partition,
-        "settings": {"size": c.size, "mode": "RGB" if pool.images.ndim == 4 else "L",
+        "data": c.pool.source, "budget": int(c.selection.budget), "partition": c.selection.partition,
+        "settings": {"size": c.pool.size, "mode": "RGB" if pool.images.ndim == 4 else "L",
                      "image_shape": list(pool.images.shape[1:]), "bins": c.mi.bins, "color": c.mi.color,
-                     "tile_size": c.tile_size, "store_dtype": c.store_dtype, "clusters": len(parts),
-                     "pool_size": c.pool_size, "max_pixels": c.max_pixels, "seed": c.seed},
+                     "tile_size": c.mi.tile_size, "store_dtype": c.mi.store_dtype, "clusters": len(parts),
+                     "pool_size": c.pool.pool, "max_pixels": c.pool.max_pixels, "seed": c.selection.seed},
         "n_files": int(pool.stats.get("files", len(pool))), "n_images": int(len(pool)),
         "selected": [pool.paths[i] for i in selected],
         "indices": [int(i) for i in selected],
@@ -189,7 +188,7 @@ def reduce_pool(pool: Pool, c: ReduceConfig, out: str) -> tuple[dict, list[Parti
 # --------------------------------------------------------------------------- the whole run
 
 def run_reduce(c: ReduceConfig, out: str, *, address: str | None = None) -> dict:
-    """The whole job: pool -> selection.json (and config.json) in ``out``; with ``c.target``, the
+    """The whole job: pool -> selection.json (and config.json) in ``out``; with ``c.target.checkpoint``, the
     attack with the selection too. Returns the selection dict."""
     c.check()
     out = check_out(out)
@@ -198,8 +197,8 @@ def run_reduce(c: ReduceConfig, out: str, *, address: str | None = None) -> dict
     init_ray(address)
     res = ray.cluster_resources()
     log.info(f"Ray: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU")
-    pool = load_reduce_pool(c)
-    log.info(f"pool: {len(pool)} images of {pool.images.shape[1:]} from {c.data} ({len(pool.skipped)} skipped)")
+    pool = load_reduce_pool(c.pool, c.selection.seed)
+    log.info(f"pool: {len(pool)} images of {pool.images.shape[1:]} from {c.pool.source} ({len(pool.skipped)} skipped)")
     for s in pool.skipped[:20]:
         log.info(f"skipped {s['path']}: {s['reason']}")
     if len(pool.skipped) > 20:
@@ -210,7 +209,7 @@ def run_reduce(c: ReduceConfig, out: str, *, address: str | None = None) -> dict
     report.write_text(f"{out}/selection.json", json.dumps(result, indent=1))
     log.info(f"selected {len(result['selected'])} of {result['n_images']} images ({len(result['skipped'])} skipped) "
              f"in {result['seconds']['total']:.1f} s; wrote {out}/selection.json")
-    if c.target or c.endpoint.url:
+    if c.target.checkpoint or c.endpoint.url:
         attack_with_selection(pool, result, c, out, parts)
         log.info(f"wrote {out}/report.md")
     return result
@@ -250,15 +249,15 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str,
                 "num_classes": c.substitute.num_classes}
         shape = pool.images.shape[1:]
     else:
-        ckpt = load_checkpoint(c.target)
+        ckpt = load_checkpoint(c.target.checkpoint)
         size, channels = int(ckpt["image_size"]), int(ckpt["in_channels"])
         shape = (size, size) if channels == 1 else (size, size, channels)
     selected = np.asarray(result["indices"], dtype=np.int64)
     images = at_geometry(pool, selected, shape)
-    test_images, test_labels = referee_test(pool, selected, c, shape)
+    test_images, test_labels = referee_test(pool, selected, c.pool, shape, c.selection.seed)
 
     # a seeded shuffle, not the selection's index order (an ImageFolder pool is stored by class)
-    order = seeded_shuffle(np.arange(len(images)), c.seed)
+    order = seeded_shuffle(np.arange(len(images)), c.selection.seed)
     answers = np.empty(len(images), dtype=np.int64)
     t = time.perf_counter()
     if c.endpoint.url:
@@ -270,16 +269,16 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str,
     else:
         # The run folder's target: a rerun asks the same batches with the same request ids and gets
         # the journal's stored answers, charged once.
-        with run_target(c.target, out, port=c.serve_port) as service:
-            key = service.create_key("drmi-reduce", budget=len(images))
-            client = TargetClient(service.url, key, prefix="drmi-reduce")
+        with run_target(c.target.checkpoint, out, **c.target.service_options()) as service:
+            key = service.create_key("drmi-reduce", **c.target.key_settings(len(images)))
+            client = TargetClient(service.url, key, prefix="drmi-reduce", max_batch=c.target.client_batch())
             answers[order] = query_target(client, images[order])
             queries = service.usage("drmi-reduce")["used"]
     timings["queries"] = time.perf_counter() - t
     log.info(f"target answered {len(images)} images; it charged {queries} queries")
 
     t = time.perf_counter()
-    train = dataclasses.replace(c.substitute, num_classes=int(ckpt["num_classes"]), seed=c.seed)
+    train = dataclasses.replace(c.substitute, num_classes=int(ckpt["num_classes"]), seed=c.selection.seed)
     graph = None
     if c.learn != "answers" and parts is not None:
         if pool.images.shape[1:] == tuple(shape):
@@ -294,22 +293,22 @@ def attack_with_selection(pool: Pool, result: dict, c: ReduceConfig, out: str,
     if c.learn != "answers":
         timings["pool graph and label spreading"] = time.perf_counter() - t
     t = time.perf_counter()
-    referee = c.endpoint.client_settings(eval_key) if c.endpoint.url else c.target  # black-box: its own key
+    referee = c.endpoint.client_settings(eval_key) if c.endpoint.url else c.target.checkpoint  # black-box: its own key
     labels_of_target, eval_queries = target_labels(referee, test_images)
     (scores,) = fit_and_score([job], referee, test_images, test_labels,
                               labels_of_target, c, storage_path=f"{out}/train", names=["referee-drmi-reduce"])
     eval_queries += scores.get("eval_queries", 0)
     timings["substitute training, evaluation and PGD transfer"] = time.perf_counter() - t
-    rows = [{"method": "drmi", "budget": len(images), "seed": c.seed, "queries": int(queries),
+    rows = [{"method": "drmi", "budget": len(images), "seed": c.selection.seed, "queries": int(queries),
              "accuracy": scores["accuracy"], "fidelity": scores["fidelity"],
              "transfer_rate": scores["transfer_rate"], "substitute": c.substitute.model, "learn": learned["learn"],
              "test_images": int(len(test_images))}]
-    notes = [f"pool: {c.data} ({result['n_images']} images, {len(result['skipped'])} skipped), "
+    notes = [f"pool: {c.pool.source} ({result['n_images']} images, {len(result['skipped'])} skipped), "
              f"partition {result['partition']}",
-             f"target: {c.target} ({ckpt['model']})" if c.target else
+             f"target: {c.target.checkpoint} ({ckpt['model']})" if c.target.checkpoint else
              f"target: {ckpt['model']}, scored black-box: {eval_queries} evaluation queries (the test images and "
              "the adversarial examples, on the evaluation key) beside the attack's",
-             f"substitute: {c.substitute.model} (random init), test: {c.test or 'see referee_test'} "
+             f"substitute: {c.substitute.model} (random init), test: {c.pool.test_source or 'see referee_test'} "
              f"({len(test_images)} images)"]
     report.write_run(out, rows, config=c.to_dict(), timings=timings, notes=notes)
     log.info(f"substitute {c.substitute.model}: accuracy {scores['accuracy']:.3f}, fidelity {scores['fidelity']:.3f}, "

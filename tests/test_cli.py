@@ -137,21 +137,26 @@ def test_every_option_refuses_a_bad_value_in_one_line_within_5_s(tmp_path, capsy
         assert not (tmp_path / "run").exists()
 
 
-def test_config_checks_refuse_bools_and_values_that_would_fail_late():
-    from drmi_ray.config import ExperimentConfig, ReduceConfig, SelectionConfig, TargetConfig
+def test_settings_refuse_bools_and_values_that_would_fail_late_naming_the_setting():
+    """A stage refuses its own bad field when it is made (naming the field); --config's file names
+    where it is; the runs' check() refuses what needs several fields."""
+    from drmi_ray.config import (ExperimentConfig, ReduceConfig, ReducePoolConfig, ReduceSelectionConfig,
+                                 SelectionConfig, TargetConfig)
 
     with pytest.raises(ValueError, match="--budgets"):
         ExperimentConfig(selection=SelectionConfig(budgets=(True, 50))).check()
-    with pytest.raises(ValueError, match="--rate-limit"):
-        ExperimentConfig(target=TargetConfig(rate_limit=True)).check()
-    with pytest.raises(ValueError, match=r"prada_delta.*--no-prada"):
-        ExperimentConfig(target=TargetConfig(prada_delta=1.5)).check()
-    with pytest.raises(ValueError, match="decimals"):
-        ExperimentConfig(target=TargetConfig(decimals=-1)).check()
-    with pytest.raises(ValueError, match="--budget"):
-        ReduceConfig(budget=True).check()
+    with pytest.raises(ValueError, match="^rate_limit must be a number > 0"):
+        TargetConfig(rate_limit=True)
+    with pytest.raises(ValueError, match=r"^prada_delta.*--no-prada"):
+        TargetConfig(prada_delta=1.5)
+    with pytest.raises(ValueError, match="^target.decimals must be"):
+        ExperimentConfig.from_dict({"target": {"decimals": -1}})
+    with pytest.raises(ValueError, match="^target.train.epochs must be a positive integer"):
+        ExperimentConfig.from_dict({"target": {"train": {"epochs": 0}}})
+    with pytest.raises(ValueError, match="^budget must be a positive integer"):
+        ReduceSelectionConfig(budget=True)
     with pytest.raises(ValueError, match="--budget 50 is larger than --pool-size 10"):
-        ReduceConfig(budget=50, pool_size=10).check()
+        ReduceConfig(pool=ReducePoolConfig(pool=10), selection=ReduceSelectionConfig(budget=50)).check()
 
 
 @pytest.mark.parametrize("flag", ["--budget", "--tile-size", "--max-pixels"])
@@ -251,16 +256,18 @@ def test_reduce_config_file_repeats_a_run_and_flags_override_it(tmp_path, capsys
     import json
 
     from drmi_ray.cli import build_parser, reduce_config
-    from drmi_ray.config import ReduceConfig
+    from drmi_ray.config import MIConfig, ReduceConfig, ReduceSelectionConfig
 
-    ran = ReduceConfig(data="bundled-mnist", budget=7, partition="none", tile_size=500, learn="auto")
+    ran = ReduceConfig(selection=ReduceSelectionConfig(budget=7, partition="none"), mi=MIConfig(tile_size=500),
+                       learn="auto")
     ran.substitute = dataclasses.replace(ran.substitute, model="lenet5", epochs=3)
     path = tmp_path / "config.json"
     path.write_text(json.dumps(ran.to_dict()))  # as run_reduce writes it
     again = reduce_config(build_parser().parse_args(["reduce", "--config", str(path)]))
     assert again == ran
     changed = reduce_config(build_parser().parse_args(["reduce", "--config", str(path), "--seed", "3", "--epochs", "5"]))
-    assert (changed.seed, changed.substitute.epochs, changed.substitute.model, changed.tile_size) == (3, 5, "lenet5", 500)
+    assert (changed.selection.seed, changed.substitute.epochs, changed.substitute.model, changed.mi.tile_size) == \
+        (3, 5, "lenet5", 500)
     assert main(["reduce", "--out", str(tmp_path / "run")]) == 2  # neither --config nor --data and --budget
     assert "--data and --budget" in one_line(capsys)
 
@@ -272,4 +279,30 @@ def test_every_flag_default_is_the_dataclass_default():
 
     assert build_config(build_parser().parse_args(["run"])) == ExperimentConfig()
     args = build_parser().parse_args(["reduce", "--data", "bundled-mnist", "--budget", "100"])
-    assert reduce_config(args) == ReduceConfig(data="bundled-mnist", budget=100)
+    assert reduce_config(args) == ReduceConfig()
+
+
+def test_a_setting_declared_in_its_stage_gets_its_flag_default_help_and_check_with_nothing_else():
+    """What adding a setting takes: one field in one stage dataclass. The parser, the flag's
+    value, its refusal in one line and the config.json round trip come from the declaration."""
+    from drmi_ray.cli import Parser, add_flags, apply_flags
+    from drmi_ray.config import MIConfig, ReduceConfig
+    from drmi_ray.settings import Checked, setting
+
+    @dataclasses.dataclass
+    class WiderMI(MIConfig, Checked):
+        smoothing: int = setting(3, flag="--smoothing", help="new: smoothing window", least=0, most=9)
+
+    @dataclasses.dataclass
+    class WiderReduce(ReduceConfig):
+        mi: WiderMI = setting(factory=WiderMI, help="mutual information")
+
+    parser = Parser(prog="drmi reduce")
+    parser.add_argument("--no-prada", action="store_true")
+    add_flags(parser, WiderReduce())
+    assert "new: smoothing window (default 3)" in " ".join(parser.format_help().split())
+    config = apply_flags(WiderReduce(), parser.parse_args(["--smoothing", "5", "--bins", "16"]))
+    assert (config.mi.smoothing, config.mi.bins) == (5, 16)
+    with pytest.raises(ValueError, match="^--smoothing: smoothing must be an integer in 0..9, got 12$"):
+        apply_flags(WiderReduce(), parser.parse_args(["--smoothing", "12"]))
+    assert WiderReduce.from_dict(config.to_dict()) == config

@@ -128,7 +128,8 @@ def test_a_missing_pool_path_is_a_file_not_found_error_listing_the_known_sources
 def test_paper_mnist_protocol_keeps_target_and_attacker_apart(tmp_path, digits):
     import dataclasses
 
-    from drmi_ray.config import ExperimentConfig, apply_protocol
+    from drmi_ray.config import ExperimentConfig
+    from drmi_ray.experiment import apply_protocol
     from drmi_ray.pools import load_data
 
     images, labels = digits

@@ -136,14 +136,14 @@ def test_store_of_other_settings_or_pool_is_refused(ray_local, digits, tmp_path,
 
 
 def test_gpu_tasks_schedule_and_fall_back_to_cpu(digits, tmp_path):
-    """num_gpus_per_task on a Ray with (fake) GPUs: tasks get a GPU id; without CUDA they use numba."""
+    """gpus_per_tile on a Ray with (fake) GPUs: tasks get a GPU id; without CUDA they use numba."""
     import ray
 
     ray.shutdown()  # the shared local Ray has no GPUs; the next ray_local user starts it again
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         images = digits[0][:50]
-        store = compute_mi_matrix(images, str(tmp_path / "s"), tile_size=20, num_gpus_per_task=1, progress=False)
+        store = compute_mi_matrix(images, str(tmp_path / "s"), tile_size=20, gpus_per_tile=1, progress=False)
         assert len(store.computed) == 6
         assert np.array_equal(store.to_dense(), pairwise_mi(images))
     finally:
@@ -153,8 +153,8 @@ def test_gpu_tasks_schedule_and_fall_back_to_cpu(digits, tmp_path):
 def test_missing_store_absent_gpus_float_images_and_rows_out_of_range_are_refused(ray_local, digits, tmp_path):
     with pytest.raises(FileNotFoundError, match="no MI tile store"):
         TileStore(str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match="num_gpus_per_task=1 but the Ray cluster has 0"):
-        compute_mi_matrix(digits[0][:4], str(tmp_path / "g"), num_gpus_per_task=1, progress=False)
+    with pytest.raises(ValueError, match="gpus_per_tile=1 but the Ray cluster has 0"):
+        compute_mi_matrix(digits[0][:4], str(tmp_path / "g"), gpus_per_tile=1, progress=False)
     with pytest.raises(TypeError, match="images must be uint8"):
         compute_mi_matrix(digits[0][:4].astype(float), str(tmp_path / "f"), progress=False)
     store = compute_mi_matrix(digits[0][:4], str(tmp_path / "ok"), progress=False)

@@ -8,13 +8,17 @@ import pytest
 from drmi_ray.cli import main
 from drmi_ray.config import ExperimentConfig, PoolConfig, SelectionConfig
 from drmi_ray.experiment import run_experiment
+from drmi_ray.models import TrainConfig
 from drmi_ray.service_journal import read_journal
 
 
 def small_config(**selection) -> ExperimentConfig:
+    """A few-minute run: LeNet-5 target and substitutes (as --quick; C3F2's fits and PGD take several
+    times longer, and the pipeline, not the network, is what these tests check)."""
     config = ExperimentConfig(pool=PoolConfig(target_train=1500, pool=300, test=300),
-                              selection=SelectionConfig(**{"budgets": (20, 60), **selection}))
-    config.target.train.epochs = 4
+                              selection=SelectionConfig(**{"budgets": (20, 60), **selection}),
+                              substitute=TrainConfig(model="lenet5"))
+    config.target.train = TrainConfig(model="lenet5", epochs=4)
     return config
 
 
@@ -143,7 +147,6 @@ def test_pool_mode_substitutes_never_read_the_pools_labels(tmp_path, ray_local, 
     import torch
 
     from drmi_ray import data, pools
-    from drmi_ray.models import TrainConfig
 
     config = ExperimentConfig(pool=PoolConfig(target_train=1000, pool=200, test=200),
                               selection=SelectionConfig(methods=("random", "drmi-cover"), budgets=(20,)))

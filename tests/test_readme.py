@@ -2,7 +2,8 @@
 
 import pathlib
 
-from drmi_ray.config import ExperimentConfig, quick
+from drmi_ray.config import ExperimentConfig
+from drmi_ray.experiment import quick
 
 README = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
 MODEL_NAMES = {"c3f2": "C3F2", "lenet5": "LeNet-5", "dnn5": "DNN5", "resnet18": "ResNet18"}

@@ -382,10 +382,12 @@ def test_junk_images_are_skipped_with_their_reason_and_the_rest_decode_exactly(r
 
 
 def test_reduce_selects_no_junk(ray_local, junk_folder, tmp_path):
-    from drmi_ray.config import ReduceConfig
+    from drmi_ray.config import ReduceConfig, ReducePoolConfig, ReduceSelectionConfig
 
     root, good, junk = junk_folder
-    result = reduce.run_reduce(ReduceConfig(data=str(root), budget=8, size=28, partition="none"), str(tmp_path / "run"))
+    config = ReduceConfig(pool=ReducePoolConfig(source=str(root), size=28),
+                          selection=ReduceSelectionConfig(budget=8, partition="none"))
+    result = reduce.run_reduce(config, str(tmp_path / "run"))
     selected = [os.path.basename(p) for p in result["selected"]]
     assert len(selected) == 8 and set(selected) <= set(good), selected
     assert {os.path.basename(s["path"]) for s in result["skipped"]} == set(junk)
