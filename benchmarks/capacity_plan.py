@@ -96,7 +96,8 @@ RECORDED = {
         machine="one NVIDIA H200, 16 CPU cores (the project's lent device machine; hostname not recorded)",
         command="python benchmarks/capacity_plan.py --measure-gpu --gpu-tile 2048, and --gpu-tile 4096",
         what="one off-diagonal tile's task body, matrix.compute_tile (torch/Triton) + write_tile, no Ray; "
-             "pair values/s", date="2026-11-26"),
+             "pair values/s; the Triton kernel of then: commit 6dc4848 rewrote it (over non-zero positions) and "
+             "the shipped kernel is not yet measured on a GPU", date="2026-11-26"),
     # The photos10k tree's one-process decode in the full reduce_scale run: 300 of the 10,000
     # synthetic 400x350 RGB JPEGs (~97 KB, quality 90) read and decoded to 64x64 grey with
     # data.decode_image, counted per CPU-second of the process. In the same run the job's Ray Data

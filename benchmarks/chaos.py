@@ -209,6 +209,8 @@ def run_driver(args, store, check=False, chaos: Chaos | None = None) -> int:
         chaos.log.clear()
     _kill_tree(proc.pid)  # its Ray, if anything is left of it
     lines = [ln for ln in out.splitlines() if ln.startswith(("driver stats", "MI store")) or "Error" in ln]
+    if proc.returncode not in (0, -signal.SIGKILL) and out.strip():  # a driver that failed on its own: why
+        lines.append(out.strip().splitlines()[-1])
     print(f"  driver rc={proc.returncode}: " + (" | ".join(lines[-3:]) if lines else "(no output)"), flush=True)
     return proc.returncode
 

@@ -16,7 +16,6 @@ import fsspec
 
 from drmi_ray.data import TORCHVISION_SOURCES
 from drmi_ray.ingest import list_pool
-from drmi_ray.settings import check_choice, check_int  # noqa: F401 - drmi serve's checks (service.py)
 from drmi_ray.target import load_checkpoint
 
 MAX_SIZE = 4096  # --size: a 4096 x 4096 RGB image is 50 MB decoded

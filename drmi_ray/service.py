@@ -39,6 +39,7 @@ from .runtime import init_ray
 from .service_journal import check_service, read_journal
 from .service_protocol import MODEL_NAME, OUTPUTS
 from .service_replicas import LedgerReplica, TargetReplica
+from .settings import check_choice, check_int
 
 DEFAULT_MAX_BATCH = 4096  # images per request
 DEFAULT_MAX_BODY_BYTES = 128 << 20  # a request body, decompressed (about 4,000 CIFAR-10 images as JSON)
@@ -211,7 +212,7 @@ def serve_forever(checkpoint: str, out: str, *, ready=None, host: str = "127.0.0
     checked first (a one-line ValueError naming the flag, before Ray starts); on the signal the
     application is deleted (the ledger closes the journal) and Ray is shut down.
     """
-    from .checks import check_checkpoint, check_choice, check_int, check_out  # torch: it reads checkpoints
+    from .checks import check_checkpoint, check_out  # torch: it reads checkpoints
 
     check_checkpoint("--target", checkpoint)
     if not os.path.isfile(checkpoint):

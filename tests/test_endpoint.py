@@ -73,7 +73,7 @@ def test_a_run_against_an_endpoint_is_charged_there_and_scores_as_a_referee_hold
     ({"api_key": None}, f"--api-key KEY or set {API_KEY_ENV}"),
     ({"eval_budget": 399}, "the referee may need 400 queries"),
     ({"shape": (0, 28)}, "--target-shape must list"),
-    ({"max_batch": 0}, "--target-max-batch must be a positive integer"),
+    ({"max_batch": 0}, "^max_batch must be a positive integer"),  # EndpointConfig refuses it when made
 ])
 def test_bad_endpoint_settings_are_refused_in_one_line_before_any_work(change, match, monkeypatch):
     monkeypatch.delenv(API_KEY_ENV, raising=False)
