@@ -17,9 +17,9 @@ from drmi_ray.acquisition import METHODS
 from drmi_ray.checks import check_address, check_exists, check_out
 from drmi_ray.config import ExperimentConfig, ReduceConfig, TargetConfig
 from drmi_ray.runtime import log, setup_logging
-from drmi_ray.settings import kind_of
 from drmi_ray.service import serve_forever
 from drmi_ray.service_protocol import OUTPUTS
+from drmi_ray.settings import choices_of, kind_of
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -62,7 +62,7 @@ def add_flags(p, defaults) -> None:
     groups = {None: p}
     for title, path, f, value in flagged(defaults):
         group = groups.setdefault(title, p.add_argument_group(title))
-        names, text, choices = f.metadata["flag"].split(), f.metadata["help"], f.metadata["choices"]
+        names, text, choices = f.metadata["flag"].split(), f.metadata["help"], choices_of(f)
         kind = kind_of(f)[0]
         if kind == "bool":
             group.add_argument(*names, dest=path, action="store_true", default=None, help=text)

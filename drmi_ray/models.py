@@ -159,7 +159,7 @@ class TrainConfig(Checked):
     """
 
     model: str = setting("c3f2", flag="--substitute", help="substitute architecture (random init)",
-                         choices=MODEL_NAMES)
+                         choices=lambda: MODEL_NAMES)  # the registry as it is now
     epochs: int = setting(20, flag="--epochs", help="substitute training epochs", most=10_000)
     min_steps: int = setting(300, flag="--min-steps", help="substitute optimizer steps at least", least=0,
                              most=10_000_000)

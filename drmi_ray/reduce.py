@@ -62,7 +62,6 @@ from drmi_ray.spread import knn_graph
 from drmi_ray.target import load_checkpoint
 from drmi_ray.tiles import TileStore
 
-
 # --------------------------------------------------------------------------- 2. partition
 
 @dataclass

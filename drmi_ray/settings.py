@@ -24,11 +24,17 @@ def setting(default=dataclasses.MISSING, *, factory=dataclasses.MISSING, flag: s
             least=None, most=None, above=None, choices=None, fix: str = "", repr: bool = True):
     """A dataclass field with its CLI flag (``"--budget -k"``: the flag, then its aliases; None:
     ``config.json`` only), help text and bounds: ``least``/``most`` (ints: least defaults to 1;
-    floats: ``above`` for a strict lower bound), ``choices`` (a sequence, read when checked, so a
-    registry list that grows is seen), ``fix`` (what to do, appended to a refusal)."""
+    floats: ``above`` for a strict lower bound), ``choices`` (a sequence, or a function that
+    returns one, called at each check: a registry that grows or is replaced is seen), ``fix`` (what to do, appended to a refusal)."""
     metadata = {"flag": flag, "help": help, "least": least, "most": most, "above": above, "choices": choices,
                 "fix": fix}
     return dataclasses.field(default=default, default_factory=factory, repr=repr, metadata=metadata)
+
+
+def choices_of(f: dataclasses.Field):
+    """A field's declared choices now (None: any value of its type)."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
 
 
 def kind_of(f: dataclasses.Field) -> tuple[str, bool]:
@@ -48,7 +54,7 @@ def check_fields(obj) -> None:
         if value is None and none_ok:
             continue
         if meta["choices"] is not None:
-            check_choice(f.name, value, meta["choices"])
+            check_choice(f.name, value, choices_of(f))
         elif kind == "bool":
             check_bool(f.name, value)
         elif kind == "int":

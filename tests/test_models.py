@@ -26,7 +26,7 @@ def test_unknown_or_too_small_models_and_bad_train_configs_are_value_errors():
         build_model("c3f2", image_size=8)
     with pytest.raises(ValueError, match="in_channels"):
         build_model("lenet5", in_channels=0)
-    with pytest.raises(ValueError, match="unknown name"):
+    with pytest.raises(ValueError, match="^model must be one of lenet5, c3f2, .*got 'nope'$"):
         TrainConfig(model="nope")
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
