@@ -119,7 +119,7 @@ def run_parser(sub) -> None:
     p = sub.add_parser("run", help="the DRMI experiment: select, query, fit substitutes, attack, report")
     p.add_argument("--out", help="run folder (path or fsspec URL); default: a new folder under runs/")
     p.add_argument("--quick", action="store_true", help="small version: 600-image pool, budgets 50,200, LeNet-5 "
-                                                        "target and substitutes (about 2 minutes)")
+                                                        "target and substitutes (2-3 minutes on 2 cores)")
     p.add_argument("--config", help="repeat a run from its config.json (flags given here override it)")
     p.add_argument("--data-root", help="folder of torchvision MNIST / CIFAR-10 for --protocol paper-* (default ./data)")
     p.add_argument("--address", help="Ray cluster address (default: the cluster of `ray job submit`, else a local one)")
