@@ -221,29 +221,29 @@ class RunSettings:
 
     @classmethod
     def from_dict(cls, data: dict):
-        def build(kind, values, where):
+        """The settings of ``data`` (``to_dict``'s form); a setting left out keeps this run's
+        default (a nested stage's too: ``ReduceConfig``'s substitute is a ResNet18)."""
+        def build(default, values, where):
+            kind = type(default)
             if not isinstance(values, dict):
                 raise ValueError(f"{where or kind.__name__} settings must be a JSON object, got {type(values).__name__}")
             unknown = set(values) - {f.name for f in dataclasses.fields(kind)}
             if unknown:
                 raise ValueError(f"unknown {kind.__name__} settings {sorted(unknown)}; check the config file")
             kwargs = {}
-            for f in dataclasses.fields(kind):
-                if f.name not in values:
-                    continue
-                value = values[f.name]
-                sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-                if dataclasses.is_dataclass(sub):
-                    value = build(type(sub), value, where + f.name + ".")
+            for name, value in values.items():
+                inner = getattr(default, name)
+                if dataclasses.is_dataclass(inner):
+                    value = build(inner, value, where + name + ".")
                 elif isinstance(value, list):
                     value = tuple(value)
-                kwargs[f.name] = value
+                kwargs[name] = value
             try:
-                return kind(**kwargs)
+                return dataclasses.replace(default, **kwargs)
             except ValueError as err:  # a stage refused one of its own fields: say where it is
                 raise ValueError(f"{where}{err}") from None
 
-        return build(cls, data, "")
+        return build(cls(), data, "")
 
     @classmethod
     def load(cls, path: str):

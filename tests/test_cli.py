@@ -159,6 +159,16 @@ def test_settings_refuse_bools_and_values_that_would_fail_late_naming_the_settin
         ReduceConfig(pool=ReducePoolConfig(pool=10), selection=ReduceSelectionConfig(budget=50)).check()
 
 
+def test_a_config_file_that_gives_some_settings_keeps_the_runs_own_defaults_for_the_rest():
+    from drmi_ray.config import ExperimentConfig, ReduceConfig
+
+    reduce_config = ReduceConfig.from_dict({"substitute": {"epochs": 3}, "target": {"checkpoint": None}})
+    assert reduce_config.substitute == dataclasses.replace(ReduceConfig().substitute, epochs=3)  # still ResNet18
+    assert reduce_config.substitute.model == "resnet18" and reduce_config.target.prada_delta is None
+    run_config = ExperimentConfig.from_dict({"target": {"train": {"model": "lenet5"}}})
+    assert run_config.target.train.epochs == ExperimentConfig().target.train.epochs == 12
+
+
 @pytest.mark.parametrize("flag", ["--budget", "--tile-size", "--max-pixels"])
 def test_reduce_numbers_are_checked_up_front(tmp_path, capsys, no_work, flag):
     args = reduce_args(tmp_path / "r")
