@@ -14,7 +14,7 @@ import uuid
 
 import fsspec
 
-from drmi_ray.data import TORCHVISION_SOURCES
+from drmi_ray.data import torchvision_source
 from drmi_ray.ingest import list_pool
 from drmi_ray.target import load_checkpoint
 
@@ -63,10 +63,9 @@ def check_source(option: str, source: str, *, download: bool) -> None:
         raise ValueError(f"{option} must be bundled-mnist, mnist:ROOT, cifar10:ROOT or a URL, got {source!r}")
     if source == "bundled-mnist":
         return
-    name, sep, root = source.partition(":")
-    if sep and name in TORCHVISION_SOURCES:
+    if named := torchvision_source(source):
         if not download:
-            check_exists(option, root or ".", f"the torchvision {name} data (or pass --download)")
+            check_exists(option, named[1] or ".", f"the torchvision {named[0]} data (or pass --download)")
         return
     check_exists(option, source, "the pool (an ImageFolder tree or Parquet shards)")
 
@@ -98,9 +97,8 @@ def pool_images(source: str) -> int:
     sources, the listing's file count (before decoding) for a URL."""
     if source == "bundled-mnist":
         return BUNDLED_IMAGES
-    name, sep, _ = source.partition(":")
-    if sep and name in TORCHVISION_IMAGES:
-        return TORCHVISION_IMAGES[name]
+    if named := torchvision_source(source):
+        return TORCHVISION_IMAGES[named[0]]
     return list_pool(source).n_files
 
 

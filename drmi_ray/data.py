@@ -50,6 +50,12 @@ def bundled_mnist() -> tuple[np.ndarray, np.ndarray]:
     return np.rint(images).clip(0, 255).astype(np.uint8), np.asarray(labels, dtype=np.int64)
 
 
+def torchvision_source(source: str) -> tuple[str, str] | None:
+    """``(NAME, ROOT)`` of a torchvision pool source ``NAME:ROOT`` (``TORCHVISION_SOURCES``); None for others."""
+    name, sep, root = source.partition(":")
+    return (name, root) if sep and name in TORCHVISION_SOURCES else None
+
+
 def torchvision_pool(name: str, root: str, *, train: bool = True, download: bool = False) -> Pool:
     """MNIST or CIFAR-10 from torchvision under ``root``; downloads only when asked."""
     datasets = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}

@@ -27,7 +27,7 @@ import fsspec
 import numpy as np
 
 from drmi_ray.config import PoolConfig, ReducePoolConfig
-from drmi_ray.data import MAX_PIXELS, TORCHVISION_SOURCES, Pool, bundled_mnist, split_indices, torchvision_pool
+from drmi_ray.data import MAX_PIXELS, Pool, bundled_mnist, split_indices, torchvision_pool, torchvision_source
 from drmi_ray.images import DEGENERATE
 from drmi_ray.ingest import Listing, decode_pool, read_pool, thumbnails
 from drmi_ray.runtime import log
@@ -35,14 +35,13 @@ from drmi_ray.runtime import log
 
 def named_source(source: str) -> bool:
     """``bundled-mnist`` or a torchvision ``NAME:ROOT`` (arrays, no image files)."""
-    name, sep, _ = source.partition(":")
-    return source == "bundled-mnist" or bool(sep and name in TORCHVISION_SOURCES)
+    return source == "bundled-mnist" or torchvision_source(source) is not None
 
 
 def held_out_source(source: str) -> str | None:
     """A torchvision source's own test split (``cifar10:ROOT`` -> ``cifar10-test:ROOT``); None for others."""
-    name, sep, root = source.partition(":")
-    return f"{name}-test:{root}" if sep and name in ("mnist", "cifar10") else None
+    named = torchvision_source(source)
+    return f"{named[0]}-test:{named[1]}" if named and not named[0].endswith("-test") else None
 
 
 def load_pool(source: str = "bundled-mnist", *, size: int | None = None, mode: str = "L",
@@ -51,8 +50,8 @@ def load_pool(source: str = "bundled-mnist", *, size: int | None = None, mode: s
     if source == "bundled-mnist":
         images, labels = bundled_mnist()
         return Pool(images, labels, classes=[str(d) for d in range(10)])
-    if named_source(source):
-        name, _, root = source.partition(":")
+    if named := torchvision_source(source):
+        name, root = named
         return torchvision_pool(name.removesuffix("-test"), root, train=not name.endswith("-test"), download=download)
     fs, path = fsspec.core.url_to_fs(source)
     if not fs.exists(path):
